@@ -1,0 +1,123 @@
+"""A checkpoint is one self-describing directory, and ``load`` is the one loader used everywhere
+(evaluate, predict, serve, tests). It refuses a directory whose files do not match ``sha256sums``.
+
+    model.safetensors   weights (no pickle)
+    model.json          architecture spec: rebuilds the network with models.build_model
+    preprocessor.json   fitted preprocessing + label map
+    labels.json         class names in index order
+    metrics.json        this epoch's metrics and the history so far
+    config.json         the whole validated workflow config
+    train_state.pt      optimizer state + epoch, for resume (torch.load weights_only=True)
+    sha256sums          "<sha256>  <file>" per file above
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from modelworks.data.preprocess import Preprocessor
+from modelworks.errors import CheckpointError
+from modelworks.models import build_model
+
+SUMS = "sha256sums"
+REQUIRED = ("model.safetensors", "model.json", "preprocessor.json", "labels.json", "metrics.json", "config.json")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_sums(directory: Path) -> None:
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != SUMS)
+    (directory / SUMS).write_text("".join(f"{sha256(p)}  {p.name}\n" for p in files))
+
+
+def verify(directory: str | Path) -> None:
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint not found: {d}")
+    sums_file = d / SUMS
+    if not sums_file.is_file():
+        raise CheckpointError(f"checkpoint {d} has no {SUMS}; it is incomplete (interrupted write?) - use another")
+    listed = {}
+    for line in sums_file.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
+    for name in REQUIRED:
+        if name not in listed:
+            raise CheckpointError(f"checkpoint {d}: {name} is not covered by {SUMS}; refusing to load it")
+    for name, digest in listed.items():
+        path = d / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {d}: {name} is missing; restore it or use another checkpoint")
+        if sha256(path) != digest:
+            raise CheckpointError(f"checkpoint {d}: {name} does not match its sha256 (corrupt or modified); "
+                                  f"refusing to load it - retrain or use another version")
+
+
+def save(directory: str | Path, *, model: nn.Module, spec: dict, preprocessor: Preprocessor, metrics: dict,
+         config: dict, train_state: dict | None = None) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(d / "model.safetensors"))
+    (d / "model.json").write_text(json.dumps(spec, indent=2))
+    (d / "preprocessor.json").write_text(preprocessor.to_json())
+    (d / "labels.json").write_text(json.dumps(preprocessor.class_names))
+    (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (d / "config.json").write_text(json.dumps(config, indent=2))
+    if train_state is not None:
+        torch.save(train_state, d / "train_state.pt")
+    write_sums(d)
+    return d
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    spec: dict
+    preprocessor: Preprocessor
+    class_names: list[str]
+    metrics: dict
+    config: dict
+    path: Path
+
+    @torch.no_grad()
+    def predict_proba(self, x_raw) -> torch.Tensor:
+        x = torch.from_numpy(self.preprocessor.transform_features(x_raw))
+        return torch.softmax(self.model(x), dim=1)
+
+
+def load(directory: str | Path, *, verify_sums: bool = True) -> LoadedModel:
+    d = Path(directory)
+    if verify_sums:
+        verify(d)
+    try:
+        spec = json.loads((d / "model.json").read_text())
+        model = build_model(spec)
+        model.load_state_dict(load_file(str(d / "model.safetensors")))
+        pre = Preprocessor.from_json((d / "preprocessor.json").read_text())
+        names = json.loads((d / "labels.json").read_text())
+        metrics = json.loads((d / "metrics.json").read_text())
+        config = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {d} cannot be loaded ({type(err).__name__}: {err}); "
+                              f"use another checkpoint or retrain") from None
+    model.eval()
+    return LoadedModel(model, spec, pre, names, metrics, config, d)
+
+
+def load_train_state(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / "train_state.pt"
+    return torch.load(path, weights_only=True) if path.is_file() else None

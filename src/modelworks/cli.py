@@ -1,0 +1,145 @@
+"""`modelworks run|models ...` - the command line. User errors print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable
+
+from modelworks.errors import UserError
+
+
+def _find_user_error(exc: BaseException, depth: int = 0) -> UserError | None:
+    """Ray wraps errors raised in tasks and workers; dig out the UserError so it prints as one line."""
+    if isinstance(exc, UserError):
+        return exc
+    if depth > 8 or exc is None:
+        return None
+    inner = [getattr(exc, "cause", None), exc.__cause__, exc.__context__]
+    failures = getattr(exc, "worker_failures", None) or {}
+    inner += list(failures.values()) if isinstance(failures, dict) else []
+    for e in inner:
+        if isinstance(e, BaseException):
+            found = _find_user_error(e, depth + 1)
+            if found:
+                return found
+    # Last resort: Ray sometimes keeps only the text of the remote exception.
+    for line in str(exc).splitlines():
+        for kind in ("DataError: ", "CheckpointError: ", "UserError: "):
+            if kind in line:
+                return UserError(line.split(kind, 1)[1].strip())
+    return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from modelworks.config import apply_overrides, load_workflow
+
+    cfg = load_workflow(args.workflow)
+    overrides = list(args.set or [])
+    if args.workers is not None:
+        overrides.append(f"train.workers={args.workers}")
+    if args.gpu:
+        overrides.append("train.use_gpu=true")
+    cfg = apply_overrides(cfg, overrides)
+    if args.data_dir:
+        os.environ["MODELWORKS_DATA_DIR"] = args.data_dir  # read by Ray tasks too
+
+    from modelworks.workflow import result_json, run_workflow
+
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
+    result = run_workflow(cfg, run_name=args.name, data_dir=args.data_dir, log=log)
+    if args.json:
+        print(result_json(result), flush=True)
+    else:
+        print(f"model:  {result.model or '(not registered)'}{'  [production]' if result.production else ''}")
+        print(f"test accuracy: {result.test_accuracy:.4f}")
+        print(f"report: {result.report}")
+        print(f"run:    {result.run_dir}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from modelworks.registry import Registry
+
+    reg = Registry(args.registry)
+    if args.models_cmd == "list":
+        rows = []
+        for name in reg.models():
+            aliases = reg.aliases(name)
+            for v in reg.versions(name):
+                info = reg.info(name, v)
+                rows.append({"model": f"{name}@{v}", "aliases": info["aliases"],
+                             "test_accuracy": info.get("test_accuracy"), "created": info.get("created")})
+        if args.json:
+            print(json.dumps(rows))
+        elif not rows:
+            print(f"no models in {reg.uri}")
+        for r in rows if not args.json else []:
+            acc = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-"
+            print(f"{r['model']:<28} acc={acc}  {r['created']}  {' '.join(r['aliases'])}")
+        return 0
+    if args.models_cmd == "show":
+        name, version = reg.resolve(args.ref)
+        print(json.dumps({**reg.info(name, version), "path": str(reg.checkpoint_dir(name, version))}, indent=2))
+        return 0
+    # promote
+    name, version = reg.resolve(f"{args.name}@{args.version}")
+    reg.set_alias(name, args.alias, version)
+    print(f"{name}: {args.alias} -> version {version}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelworks", description="Dataset to served model on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a workflow: ingest, train, evaluate, register")
+    run.add_argument("workflow", help="workflow file, e.g. workflows/mnist.py")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    run.add_argument("--name", help="run name (default: workflow name + config hash; same name = resume)")
+    run.add_argument("--data-dir", help="dataset folder (default: $MODELWORKS_DATA_DIR)")
+    run.add_argument("--workers", type=int, help="training workers (train.workers)")
+    run.add_argument("--gpu", action="store_true", help="train on GPUs (train.use_gpu)")
+    run.add_argument("--json", action="store_true", help="last stdout line is a JSON summary")
+    run.set_defaults(func=cmd_run)
+
+    models = sub.add_parser("models", help="the model registry")
+    models.add_argument("--registry", help="registry root (default: $MODELWORKS_REGISTRY or $MODELWORKS_HOME/registry)")
+    msub = models.add_subparsers(dest="models_cmd", required=True)
+    ls = msub.add_parser("list", help="all models and versions")
+    ls.add_argument("--json", action="store_true")
+    show = msub.add_parser("show", help="one version's metadata")
+    show.add_argument("ref", help="NAME, NAME@VERSION or NAME@ALIAS")
+    promote = msub.add_parser("promote", help="point an alias (default production) at a version")
+    promote.add_argument("name")
+    promote.add_argument("version")
+    promote.add_argument("--alias", default="production")
+    models.set_defaults(func=cmd_models)
+
+    for extra in EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+# Other modules (serve, tune) add their subcommands here: each is a function taking the subparsers.
+EXTRA_COMMANDS: list[Callable] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - turn user errors into one line, re-raise the rest
+        found = _find_user_error(exc)
+        if found is None:
+            raise
+        print(f"error: {found}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The one validated config a workflow builds: data, model, training, evaluation, search, serving.
+
+Configs are data (pydantic models with ``extra="forbid"``): an unknown key or a wrong type fails with
+one line naming the key. ``apply_overrides`` implements the CLI's ``--set section.key=value``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from modelworks.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    # digits: scikit-learn's 8x8 digits, shipped inside scikit-learn (no data directory needed).
+    # idx: MNIST-style IDX files (name picks the sub-folder and download mirror: mnist, fashion-mnist).
+    # table: Parquet or CSV at `path` (local or any pyarrow filesystem URI such as s3://).
+    source: Literal["digits", "idx", "table"] = "digits"
+    name: str = "digits"
+    path: str | None = Field(None, description="table: training table; idx: folder holding the IDX files")
+    test_path: str | None = Field(None, description="table: held-out test table (else carved from `path`)")
+    format: Literal["auto", "parquet", "csv"] = "auto"
+    label_column: str = "label"
+    image_column: str | None = Field(None, description="table: column holding a flat/2-D pixel array")
+    feature_columns: list[str] | None = Field(None, description="table: pixel/feature columns (default: all but label)")
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="digits/table without test_path")
+    split_seed: int = 0
+    download: bool = Field(True, description="idx: fetch from the usual mirrors when files are absent")
+    # Each training worker reads its shard once through Ray Data, then keeps it in memory (as tensors)
+    # for the remaining epochs when it fits: the per-batch cost of the streaming iterator dominates
+    # small models like the MNIST MLP. Set false to stream every epoch (datasets larger than memory).
+    cache_on_worker: bool = True
+    max_rows: int | None = Field(None, gt=0, description="use only the first N training rows (smoke runs)")
+
+
+class ModelConfig(_Strict):
+    name: Literal["mlp"] = "mlp"
+    hidden_sizes: list[int] = Field(default_factory=lambda: [256, 128])
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch: split across workers, as in the seed")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
+    seed: int = 0
+
+
+class EvaluateConfig(_Strict):
+    metric: Literal["val_accuracy"] = "val_accuracy"
+    batch_size: int = Field(1024, ge=1)
+
+
+class RegisterConfig(_Strict):
+    enabled: bool = True
+    model_name: str | None = Field(None, description="default: the workflow name")
+    # The `production` alias moves only when test accuracy reaches min_accuracy and beats the current
+    # production version by at least `gate_margin` (accuracy points as a fraction).
+    min_accuracy: float = Field(0.0, ge=0.0, le=1.0)
+    gate_margin: float = 0.0
+
+
+class SearchConfig(_Strict):
+    enabled: bool = False
+    num_samples: int = Field(8, ge=1)
+    space: dict[str, Any] = Field(default_factory=dict, description="dotted key -> tune domain spec")
+    max_epochs: int | None = None
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(3, ge=2)
+    searcher: Literal["random"] = "random"
+    seed: int = 0
+
+
+class ServeConfig(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    max_batch_size: int = Field(64, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_queued_requests: int = Field(256, ge=-1)
+    request_timeout_s: float = Field(30.0, gt=0)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_inputs: int = Field(256, ge=1)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+
+
+class WorkflowConfig(_Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    registry: RegisterConfig = Field(default_factory=RegisterConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "WorkflowConfig":
+        if self.data.source == "table" and not self.data.path:
+            raise ValueError("data.path is required when data.source='table'")
+        return self
+
+    def digest(self) -> str:
+        """Short stable hash of the config: names runs so the same command resumes the same run."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:8]
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: `config: train.epochs: Input should be a valid integer (got 'x')`."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown config key '{loc}' (check the spelling; see modelworks/config.py)")
+        else:
+            parts.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config: " + "; ".join(parts)
+
+
+def validate(data: dict[str, Any]) -> WorkflowConfig:
+    try:
+        return WorkflowConfig.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err)) from None
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are JSON when they parse as JSON (3, 1e-3, true, [256,128]), else strings."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(cfg: WorkflowConfig, overrides: list[str]) -> WorkflowConfig:
+    data = cfg.model_dump(mode="json")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects key=value, got '{item}' (e.g. --set train.epochs=3)")
+        node: Any = data
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            known = isinstance(node, dict) and part in node
+            # search.space is a free-form mapping: new keys are allowed inside it.
+            free_form = parts[:i] == ["search", "space"]
+            if not known and not free_form:
+                raise UserError(f"unknown config key '{key}' in --set (known at this level: "
+                                f"{', '.join(sorted(node)) if isinstance(node, dict) else 'none'})")
+            if i == len(parts) - 1:
+                node[part] = _parse_value(raw)
+            else:
+                node = node.setdefault(part, {})
+    return validate(data)
+
+
+def load_workflow(path: str | Path) -> WorkflowConfig:
+    """Import a workflow file; it defines ``CONFIG = WorkflowConfig(...)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"workflow file not found: {path} (try workflows/digits.py)")
+    spec = importlib.util.spec_from_file_location(f"modelworks_workflow_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ValidationError as err:
+        raise UserError(f"{path}: {format_validation_error(err)}") from None
+    cfg = getattr(module, "CONFIG", None)
+    if not isinstance(cfg, WorkflowConfig):
+        raise UserError(f"{path} must define CONFIG = WorkflowConfig(...)")
+    return cfg

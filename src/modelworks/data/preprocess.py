@@ -1,0 +1,87 @@
+"""The preprocessor: fitted on the training split only, applied with vectorised ``map_batches``.
+
+Fitted state (mean/std of the inputs, the label map, class names) is plain JSON and is saved in every
+checkpoint, so evaluation and serving apply exactly what training saw.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import ray
+
+from modelworks.errors import DataError
+
+
+@dataclass
+class Preprocessor:
+    input_shape: list[int]          # shape of one input before flattening, e.g. [28, 28]
+    mean: float
+    std: float
+    classes: list                   # raw label values in index order (the label map)
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def input_dim(self) -> int:
+        return int(np.prod(self.input_shape))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    # -- applying --------------------------------------------------------------------------------
+    def transform_features(self, x: np.ndarray) -> np.ndarray:
+        """Raw inputs (B, *input_shape) or (B, input_dim) -> normalised float32 (B, input_dim)."""
+        x = np.asarray(x, dtype=np.float32).reshape(len(x), self.input_dim)
+        return (x - np.float32(self.mean)) / np.float32(self.std)
+
+    def encode_labels(self, labels: np.ndarray) -> np.ndarray:
+        lookup = {str(c): i for i, c in enumerate(self.classes)}
+        try:
+            return np.array([lookup[str(v)] for v in labels], dtype=np.int64)
+        except KeyError as err:
+            raise DataError(f"label {err.args[0]!r} was not seen in the training split "
+                            f"(known: {self.classes[:20]}); check the label column") from None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The map_batches function: {x, label} -> {x: float32 (B, D), y: int64 (B,)}."""
+        return {"x": self.transform_features(batch["x"]), "y": self.encode_labels(batch["label"])}
+
+    def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
+        return ds.map_batches(self, batch_format="numpy", batch_size=4096)
+
+    # -- persistence -----------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Preprocessor":
+        return cls(**json.loads(text))
+
+
+def _partial_stats(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    x = np.asarray(batch["x"], dtype=np.float64).reshape(len(batch["x"]), -1)
+    return {"n": np.array([x.size]), "s": np.array([x.sum()]), "ss": np.array([(x * x).sum()]),
+            "rows": np.array([len(x)])}
+
+
+def fit(train: ray.data.Dataset, class_names: dict[str, str], input_shape: list[int] | None) -> Preprocessor:
+    """One streaming pass over the training split; only per-block sums come back to the driver."""
+    parts = train.map_batches(_partial_stats, batch_format="numpy", batch_size=4096).take_all()
+    n = sum(int(p["n"]) for p in parts)
+    if n == 0:
+        raise DataError("the training split is empty; check the data path, data.max_rows and data.val_fraction")
+    s = sum(float(p["s"]) for p in parts)
+    ss = sum(float(p["ss"]) for p in parts)
+    mean = s / n
+    std = max((ss / n - mean * mean) ** 0.5, 1e-6)
+    classes = sorted(train.unique("label"), key=lambda v: (isinstance(v, str), v))
+    if len(classes) < 2:
+        raise DataError(f"the training split has {len(classes)} class(es); need at least 2")
+    if input_shape is None:
+        first = train.take(1)[0]["x"]
+        input_shape = list(np.asarray(first).shape)
+    names = [class_names.get(str(c), str(c)) for c in classes]
+    classes = [c.item() if hasattr(c, "item") else c for c in classes]
+    return Preprocessor(list(input_shape), mean, std, classes, names)

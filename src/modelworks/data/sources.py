@@ -1,0 +1,150 @@
+"""Ray Data sources. Each returns streaming datasets with two columns: ``x`` (raw features, one array
+per row) and ``label`` (raw label value), for the train, val and test splits.
+
+Splits are decided row by row from a keyed hash of the row's bytes (seed = ``data.split_seed``), so a
+split is reproducible, needs no global shuffle or collect, and identical rows always land together.
+The test split comes from its own files when the dataset has them (MNIST), else is carved the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from modelworks.config import DataConfig
+from modelworks.data import idx
+from modelworks.errors import DataError
+
+SPLITS = ("train", "val", "test")
+# Rows per read task: small enough that Ray Data streams, large enough that task overhead stays small.
+_ROWS_PER_BLOCK = 10_000
+
+
+@dataclass
+class Source:
+    splits: dict[str, ray.data.Dataset]
+    class_names: dict[str, str]  # raw label (as str) -> display name, when the dataset names its classes
+    image_shape: list[int] | None
+
+
+def data_dir(explicit: str | None = None) -> Path:
+    return Path(explicit or os.environ.get("MODELWORKS_DATA_DIR") or Path.home() / ".modelworks" / "data")
+
+
+def split_codes(x: np.ndarray, seed: int, val_fraction: float, test_fraction: float | None) -> np.ndarray:
+    """0 = train, 1 = val, 2 = test for each row, from a keyed blake2b hash of its bytes."""
+    key = seed.to_bytes(8, "little", signed=True)
+    rows = np.ascontiguousarray(x).reshape(len(x), -1)
+    u = np.array([int.from_bytes(hashlib.blake2b(r.tobytes(), key=key, digest_size=8).digest(), "little")
+                  for r in rows], dtype=np.float64) / 2.0**64
+    codes = np.zeros(len(x), dtype=np.int8)
+    if test_fraction is not None:
+        codes[u < test_fraction] = 2
+        u = np.where(u < test_fraction, 1.0, (u - test_fraction) / (1 - test_fraction))
+    codes[u < val_fraction] = 1
+    return codes
+
+
+def _keep(batch: dict, split: str, cfg: DataConfig, carve_test: bool) -> dict:
+    codes = split_codes(batch["x"], cfg.split_seed, cfg.val_fraction, cfg.test_fraction if carve_test else None)
+    mask = codes == SPLITS.index(split)
+    return {k: v[mask] for k, v in batch.items()}
+
+
+def _ranges(n: int, max_rows: int | None = None) -> list[dict]:
+    n = min(n, max_rows) if max_rows else n
+    return [{"start": s, "stop": min(s + _ROWS_PER_BLOCK, n)} for s in range(0, n, _ROWS_PER_BLOCK)]
+
+
+# ---------------------------------------------------------------------------------------------- digits
+def _read_digits(batch: dict) -> dict:
+    from sklearn.datasets import load_digits  # ships its data file inside the scikit-learn package
+
+    digits = load_digits()
+    rows = [np.arange(s, e) for s, e in zip(batch["start"], batch["stop"])]
+    sel = np.concatenate(rows)
+    return {"x": digits.images[sel].astype(np.float32), "label": digits.target[sel].astype(np.int64)}
+
+
+def digits_source(cfg: DataConfig) -> Source:
+    n = 1797  # rows in scikit-learn's digits
+    base = ray.data.from_items(_ranges(n, cfg.max_rows)).map_batches(_read_digits, batch_size=1)
+    splits = {s: base.map_batches(_keep, fn_kwargs={"split": s, "cfg": cfg, "carve_test": True}) for s in SPLITS}
+    return Source(splits, {str(i): str(i) for i in range(10)}, [8, 8])
+
+
+# ------------------------------------------------------------------------------------------------- idx
+def _read_idx(batch: dict, pair: idx.IdxPair) -> dict:
+    xs, ys = [], []
+    for s, e in zip(batch["start"], batch["stop"]):
+        xs.append(idx.read_rows(pair.images, int(s), int(e)))
+        ys.append(idx.read_rows(pair.labels, int(s), int(e)).astype(np.int64))
+    return {"x": np.concatenate(xs), "label": np.concatenate(ys)}
+
+
+def idx_source(cfg: DataConfig, root: Path) -> Source:
+    folder = Path(cfg.path) if cfg.path else root / cfg.name
+    pairs = {split: idx.open_split(folder, cfg.name, split, cfg.download) for split in ("train", "test")}
+    train_all = ray.data.from_items(_ranges(pairs["train"].rows, cfg.max_rows)).map_batches(
+        _read_idx, batch_size=1, fn_kwargs={"pair": pairs["train"]})
+    splits = {s: train_all.map_batches(_keep, fn_kwargs={"split": s, "cfg": cfg, "carve_test": False})
+              for s in ("train", "val")}
+    splits["test"] = ray.data.from_items(_ranges(pairs["test"].rows)).map_batches(
+        _read_idx, batch_size=1, fn_kwargs={"pair": pairs["test"]})
+    names_file = folder / "labels.txt"
+    names = names_file.read_text().split("\n") if names_file.is_file() else [str(i) for i in range(10)]
+    names = [n for n in names if n]
+    return Source(splits, {str(i): n for i, n in enumerate(names)}, list(pairs["train"].images.dims[1:]))
+
+
+# ----------------------------------------------------------------------------------------------- table
+def _to_xy(batch: dict, cfg: DataConfig) -> dict:
+    if cfg.label_column not in batch:
+        raise DataError(f"table has no label column '{cfg.label_column}' (columns: {', '.join(batch)}); "
+                        f"set data.label_column")
+    if cfg.image_column:
+        if cfg.image_column not in batch:
+            raise DataError(f"table has no image column '{cfg.image_column}'; set data.image_column")
+        x = np.stack([np.asarray(v, dtype=np.float32) for v in batch[cfg.image_column]])
+    else:
+        cols = cfg.feature_columns or [c for c in batch if c != cfg.label_column]
+        missing = [c for c in cols if c not in batch]
+        if missing:
+            raise DataError(f"table is missing feature columns {missing}; fix data.feature_columns")
+        x = np.stack([np.asarray(batch[c], dtype=np.float32) for c in cols], axis=1)
+    return {"x": x, "label": np.asarray(batch[cfg.label_column])}
+
+
+def _read_table(path: str, fmt: str) -> ray.data.Dataset:
+    fmt = fmt if fmt != "auto" else ("csv" if ".csv" in path.lower() else "parquet")
+    try:
+        return ray.data.read_csv(path) if fmt == "csv" else ray.data.read_parquet(path)
+    except (FileNotFoundError, OSError) as err:
+        raise DataError(f"cannot read table {path}: {err}; check data.path") from None
+
+
+def table_source(cfg: DataConfig) -> Source:
+    base = _read_table(cfg.path, cfg.format).map_batches(_to_xy, fn_kwargs={"cfg": cfg}, batch_format="numpy")
+    if cfg.max_rows:
+        base = base.limit(cfg.max_rows)
+    carve = cfg.test_path is None
+    splits = {s: base.map_batches(_keep, fn_kwargs={"split": s, "cfg": cfg, "carve_test": carve})
+              for s in ("train", "val")}
+    if carve:
+        splits["test"] = base.map_batches(_keep, fn_kwargs={"split": "test", "cfg": cfg, "carve_test": True})
+    else:
+        splits["test"] = _read_table(cfg.test_path, cfg.format).map_batches(_to_xy, fn_kwargs={"cfg": cfg},
+                                                                            batch_format="numpy")
+    return Source(splits, {}, None)
+
+
+def load_source(cfg: DataConfig, data_dir_override: str | None = None) -> Source:
+    if cfg.source == "digits":
+        return digits_source(cfg)
+    if cfg.source == "idx":
+        return idx_source(cfg, data_dir(data_dir_override))
+    return table_source(cfg)

@@ -1,0 +1,118 @@
+"""Score a checkpoint on the held-out test split: metrics, confusion matrix, curves and report.md."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, log_loss  # noqa: E402
+
+from modelworks import checkpoint  # noqa: E402
+
+
+def predict_split(loaded: checkpoint.LoadedModel, raw_test: ray.data.Dataset, batch_size: int = 1024):
+    """Stream the raw test split through the checkpoint's own preprocessor and model."""
+    ys, probs = [], []
+    for batch in raw_test.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        ys.append(loaded.preprocessor.encode_labels(batch["label"]))
+        probs.append(loaded.predict_proba(batch["x"]).numpy())
+    return np.concatenate(ys), np.concatenate(probs)
+
+
+def score(y: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict:
+    pred = probs.argmax(1)
+    labels = list(range(len(class_names)))
+    report = classification_report(y, pred, labels=labels, target_names=class_names, output_dict=True,
+                                   zero_division=0)
+    return {
+        "test_accuracy": float(accuracy_score(y, pred)),
+        "test_loss": float(log_loss(y, probs, labels=labels)),
+        "test_samples": int(len(y)),
+        "per_class": {name: {k: float(report[name][k]) for k in ("precision", "recall", "f1-score", "support")}
+                      for name in class_names},
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+    }
+
+
+def plot_confusion(matrix: list[list[int]], class_names: list[str], path: Path) -> None:
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(m, cmap="Blues")
+    ax.set(xticks=range(len(class_names)), yticks=range(len(class_names)), xlabel="predicted", ylabel="true",
+           title="Confusion matrix (test)")
+    ax.set_xticklabels(class_names, rotation=45, ha="right")
+    ax.set_yticklabels(class_names)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, m[i, j], ha="center", va="center", fontsize=7,
+                    color="white" if m[i, j] > m.max() / 2 else "black")
+    fig.colorbar(im)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(history: list[dict], path_loss: Path, path_acc: Path) -> None:
+    epochs = [h["epoch"] for h in history]
+    for path, keys, title in ((path_loss, ("train_loss", "val_loss"), "Loss"),
+                              (path_acc, ("val_accuracy",), "Validation accuracy")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in keys:
+            ax.plot(epochs, [h[key] for h in history], marker="o", label=key)
+        ax.set(xlabel="epoch", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+def write_report(out: Path, run_name: str, ckpt: Path, metrics: dict, history: list[dict], config: dict) -> Path:
+    lines = [
+        f"# {config['name']}: run `{run_name}`",
+        "",
+        f"- best checkpoint (by {config['evaluate']['metric']}): `{ckpt.name}`",
+        f"- **test accuracy: {metrics['test_accuracy']:.4f}** on {metrics['test_samples']} held-out samples "
+        f"(test loss {metrics['test_loss']:.4f})",
+        f"- model: {config['model']}",
+        f"- training: {config['train']}",
+        "",
+        "| epoch | train loss | val loss | val accuracy | samples/s |",
+        "|---|---|---|---|---|",
+        *[f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | {h['val_accuracy']:.4f} | "
+          f"{h['samples_per_s']:.0f} |" for h in history],
+        "",
+        "| class | precision | recall | f1 | support |",
+        "|---|---|---|---|---|",
+        *[f"| {n} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1-score']:.3f} | {int(c['support'])} |"
+          for n, c in metrics["per_class"].items()],
+        "",
+        "![confusion matrix](confusion_matrix.png) ![loss](loss_curve.png) ![accuracy](accuracy_curve.png)",
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def evaluate_checkpoint(ckpt: Path, raw_test: ray.data.Dataset, out: Path, run_name: str) -> dict:
+    """Everything the evaluate step leaves in ``out``; returns the test metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = checkpoint.load(ckpt)
+    y, probs = predict_split(loaded, raw_test, loaded.config["evaluate"]["batch_size"])
+    metrics = score(y, probs, loaded.class_names)
+    history = loaded.metrics.get("history", [])
+    # Curves cover every epoch of the run, also those after the best checkpoint.
+    last = sorted(ckpt.parent.glob("checkpoint_epoch=*"), key=lambda p: int(p.name.split("=")[1]))
+    if last:
+        history = json.loads((last[-1] / "metrics.json").read_text()).get("history", history)
+    (out / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_confusion(metrics["confusion_matrix"], loaded.class_names, out / "confusion_matrix.png")
+    plot_curves(history, out / "loss_curve.png", out / "accuracy_curve.png")
+    write_report(out, run_name, ckpt, metrics, history, loaded.config)
+    return metrics

@@ -1,0 +1,257 @@
+"""Ray Train: the per-worker training loop and the TorchTrainer driver.
+
+Per epoch every rank trains on its shard, validates, and calls ``ray.train.report`` (a barrier); rank 0
+writes the checkpoint directory ``checkpoint_epoch=N``. Rerunning with the same run name resumes from
+the last checkpoint (Train V2 restores the run from its storage folder).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+from modelworks import checkpoint
+from modelworks.config import WorkflowConfig
+from modelworks.data.preprocess import Preprocessor
+from modelworks.errors import UserError
+from modelworks.models import build_model
+
+CKPT_RE = re.compile(r"^checkpoint_epoch=(\d+)$")
+# Logical CPUs kept free for Ray Data's read/map tasks (each asks for 1 CPU): without them, training
+# workers holding every CPU wait forever for their own input (seen on 2 cores, see ray-notes.md).
+DATA_CPUS = 1.0
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def model_spec(cfg: WorkflowConfig, pre: Preprocessor) -> dict:
+    return {"name": cfg.model.name, "input_dim": pre.input_dim, "num_classes": pre.num_classes,
+            **cfg.model.model_dump(exclude={"name"})}
+
+
+def make_optimizer(cfg: WorkflowConfig, params) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def lr_at(cfg: WorkflowConfig, epoch: int) -> float:
+    """Learning rate for a 1-based epoch: constant, or cosine decay from lr towards 0 over the run."""
+    if cfg.train.lr_schedule == "constant":
+        return cfg.train.lr
+    return cfg.train.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.train.epochs))
+
+
+def _all_reduce(values: list[float], op=None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _collect(shard, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read this worker's shard once through Ray Data into tensors (the shard, never the whole dataset)."""
+    xs, ys = [], []
+    for batch in shard.iter_torch_batches(batch_size=8192, dtypes={"x": torch.float32, "y": torch.int64}):
+        xs.append(batch["x"])
+        ys.append(batch["y"])
+    if not xs:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64)
+    return torch.cat(xs).to(device), torch.cat(ys).to(device)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, batches, loss_fn) -> tuple[float, float, float]:
+    model.eval()
+    loss_sum = correct = count = 0.0
+    for xb, yb in batches:
+        logits = model(xb)
+        loss_sum += float(loss_fn(logits, yb)) * len(yb)
+        correct += float((logits.argmax(1) == yb).sum())
+        count += len(yb)
+    return loss_sum, correct, count
+
+
+# --------------------------------------------------------------------------------------- worker loop
+def train_loop(loop_cfg: dict) -> None:
+    cfg = WorkflowConfig.model_validate(loop_cfg["config"])
+    pre = Preprocessor.from_json(loop_cfg["preprocessor"])
+    torch.set_num_threads(loop_cfg["threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+
+    spec = model_spec(cfg, pre)
+    model = build_model(spec)
+    optimizer = make_optimizer(cfg, model.parameters())
+    start_epoch, history = 1, []
+    resume = ray.train.get_checkpoint()
+    if resume:
+        with resume.as_directory() as d:
+            loaded = checkpoint.load(d)
+            model.load_state_dict(loaded.model.state_dict())
+            state = checkpoint.load_train_state(d)
+            if state:
+                optimizer.load_state_dict(state["optimizer"])
+            start_epoch = loaded.metrics["epoch"] + 1
+            history = loaded.metrics.get("history", [])
+    model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, nccl on GPU) when world > 1
+    loss_fn = nn.CrossEntropyLoss()
+    local_bs = max(1, cfg.train.batch_size // world)  # the configured batch is global, as in the seed
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    dtypes = {"x": torch.float32, "y": torch.int64}
+
+    cached = None
+    if cfg.data.cache_on_worker:
+        cached = _collect(train_shard, device), _collect(val_shard, device)
+        # Every rank must take the same number of steps, or DDP's all-reduce waits forever.
+        steps = int(_all_reduce([len(cached[0][0]) // local_bs], dist.ReduceOp.MIN if world > 1 else None)[0])
+
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = seen = 0.0
+        if cached:
+            (x_all, y_all), _ = cached
+            gen = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch * 1009 + rank)
+            perm = torch.randperm(len(x_all), generator=gen).to(device)
+            batches = ((x_all[i], y_all[i]) for i in perm[: steps * local_bs].split(local_bs))
+        else:
+            batches = ((b["x"], b["y"]) for b in train_shard.iter_torch_batches(
+                batch_size=local_bs, drop_last=True, dtypes=dtypes, device=device))
+        for xb, yb in batches:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(yb)
+            seen += len(yb)
+        train_time = time.perf_counter() - t0
+        if cached:
+            xv, yv = cached[1]
+            val_batches = zip(xv.split(4096), yv.split(4096))
+        else:
+            val_batches = ((b["x"], b["y"]) for b in val_shard.iter_torch_batches(
+                batch_size=4096, dtypes=dtypes, device=device))
+        v_loss, v_correct, v_count = _evaluate(model, val_batches, loss_fn)
+        loss_sum, seen, v_loss, v_correct, v_count, slowest = _all_reduce(
+            [loss_sum, seen, v_loss, v_correct, v_count, train_time])[:5] + [train_time]
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "val_loss": v_loss / max(v_count, 1),
+            "val_accuracy": v_correct / max(v_count, 1),
+            "train_samples": int(seen),
+            "samples_per_s": seen / max(slowest, 1e-9),
+            "lr": lr_at(cfg, epoch),
+        }
+        history.append(metrics)
+        if rank == 0:
+            print(f"[modelworks] epoch {epoch}/{cfg.train.epochs}  train_loss={metrics['train_loss']:.4f}  "
+                  f"val_loss={metrics['val_loss']:.4f}  val_acc={metrics['val_accuracy']:.4f}  "
+                  f"{metrics['samples_per_s']:.0f} samples/s", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                inner = model.module if hasattr(model, "module") else model
+                checkpoint.save(tmp, model=inner, spec=spec, preprocessor=pre,
+                                metrics={**metrics, "history": history}, config=cfg.model_dump(mode="json"),
+                                train_state={"optimizer": optimizer.state_dict(), "epoch": epoch})
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch={epoch}")
+
+
+# -------------------------------------------------------------------------------------------- driver
+@dataclass
+class CpuPlan:
+    cpus_per_worker: float
+    threads: int
+
+
+def plan_cpus(workers: int, use_gpu: bool) -> CpuPlan:
+    """Give the workers what is left after DATA_CPUS; fail at once when that cannot fit."""
+    total = ray.cluster_resources().get("CPU", 0.0)
+    free_for_workers = total - DATA_CPUS
+    if free_for_workers <= 0:
+        raise UserError(f"the Ray cluster has {total:g} CPUs; training needs more than {DATA_CPUS:g} "
+                        f"(kept for Ray Data): start Ray with more CPUs")
+    per_worker = min(1.0, free_for_workers / workers)
+    if per_worker < 0.1:
+        raise UserError(f"{workers} workers do not fit on {total:g} CPUs with {DATA_CPUS:g} kept for data; "
+                        f"use --workers {int(free_for_workers / 0.1)} or fewer")
+    physical = os.cpu_count() or 1
+    threads = max(1, physical // workers) if ray_is_local() else max(1, int(per_worker))
+    return CpuPlan(per_worker, threads)
+
+
+def ray_is_local() -> bool:
+    return len([n for n in ray.nodes() if n.get("Alive")]) <= 1
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, by epoch (a directory without valid sums is skipped)."""
+    found = []
+    if run_dir.is_dir():
+        for p in run_dir.iterdir():
+            m = CKPT_RE.match(p.name)
+            if m and (p / checkpoint.SUMS).is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def best_checkpoint(run_dir: Path, metric: str = "val_accuracy") -> Path:
+    import json
+
+    scored = []
+    for epoch, path in list_checkpoints(run_dir):
+        m = json.loads((path / "metrics.json").read_text())
+        scored.append((m[metric], -m["val_loss"], -epoch, path))
+    if not scored:
+        raise UserError(f"run {run_dir} has no checkpoint; train it first")
+    return max(scored)[-1]
+
+
+def fit(cfg: WorkflowConfig, datasets: dict[str, ray.data.Dataset], pre: Preprocessor, runs_root: Path,
+        run_name: str, log=print) -> Path:
+    """Train (or resume) the run; returns the run directory holding its checkpoints."""
+    run_dir = runs_root / run_name
+    done = list_checkpoints(run_dir)
+    if done:
+        last = done[-1][0]
+        if last >= cfg.train.epochs:
+            log(f"run {run_name}: all {cfg.train.epochs} epochs already done; skipping training")
+            return run_dir
+        log(f"resuming run {run_name} from checkpoint_epoch={last} (epochs 1-{last} are done)")
+    plan = plan_cpus(cfg.train.workers, cfg.train.use_gpu)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "preprocessor": pre.to_json(),
+                           "threads": plan.threads},
+        datasets={"train": datasets["train"], "val": datasets["val"]},
+        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": plan.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name, storage_path=str(runs_root),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+    )
+    trainer.fit()
+    return run_dir

@@ -1,0 +1,50 @@
+"""Shared fixtures. Integration tests start a real local Ray (never a mock); data tests read real files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def modelworks_home(tmp_path, monkeypatch):
+    """Every test gets its own registry and runs folder."""
+    home = tmp_path / "mwhome"
+    monkeypatch.setenv("MODELWORKS_HOME", str(home))
+    monkeypatch.delenv("MODELWORKS_REGISTRY", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster shared by the session (address="local": never joins a stale cluster)."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ["MODELWORKS_PROGRESS"] = "0"
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def require_dataset(name: str) -> Path:
+    """The dataset folder under MODELWORKS_DATA_DIR; skip locally when absent, fail under CI."""
+    root = os.environ.get("MODELWORKS_DATA_DIR")
+    folder = Path(root) / name if root else None
+    if folder is None or not folder.is_dir():
+        reason = (f"dataset '{name}' not found (MODELWORKS_DATA_DIR={root!r}); "
+                  f"point MODELWORKS_DATA_DIR at a folder holding {name}/")
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(reason + " - required under CI")
+        pytest.skip(reason)
+    return folder
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    return require_dataset("mnist")
