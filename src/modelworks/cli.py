@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import sys
-from typing import Callable
-
 from modelworks.errors import UserError
 
 
@@ -117,13 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--alias", default="production")
     models.set_defaults(func=cmd_models)
 
-    for extra in EXTRA_COMMANDS:
-        extra(sub)
+    for module in EXTRA_COMMAND_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).add_commands(sub)
     return p
 
 
-# Other modules (serve, tune) add their subcommands here: each is a function taking the subparsers.
-EXTRA_COMMANDS: list[Callable] = []
+# Modules that add their own subcommands: each has add_commands(subparsers), whose parsers set `func`.
+EXTRA_COMMAND_MODULES = ("modelworks.serve.cli", "modelworks.tune")
 
 
 def main(argv: list[str] | None = None) -> int:
