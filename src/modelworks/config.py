@@ -99,6 +99,15 @@ class ServeConfig(_Strict):
     max_inputs: int = Field(256, ge=1)
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
+    replica_cpus: float = Field(0.5, gt=0, description="CPUs reserved per replica (2 replicas fit in 1 CPU)")
+    alias_poll_s: float = Field(2.0, ge=0, description="replicas serving NAME@ALIAS re-resolve it this often; 0 = never")
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> "ServeConfig":
+        if self.max_replicas < max(self.min_replicas, 1):
+            raise ValueError(f"serve.max_replicas ({self.max_replicas}) must be >= serve.min_replicas "
+                             f"({self.min_replicas}) and >= 1")
+        return self
 
 
 class WorkflowConfig(_Strict):
@@ -125,9 +134,14 @@ class WorkflowConfig(_Strict):
 
 def format_validation_error(err: ValidationError) -> str:
     """One line per problem: `config: train.epochs: Input should be a valid integer (got 'x')`."""
+    # A section built on its own (TrainConfig(epochs=0) in a workflow file) reports locations relative to
+    # it; prefix the section name so the key reads as it would in --set.
+    sections = {f.annotation.__name__: name for name, f in WorkflowConfig.model_fields.items()
+                if isinstance(f.annotation, type)}
+    prefix = [sections[err.title]] if err.title in sections else []
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        loc = ".".join(str(p) for p in prefix + list(e["loc"])) or "config"
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown config key '{loc}' (check the spelling; see modelworks/config.py)")
         else:

@@ -6,6 +6,7 @@ the last checkpoint (Train V2 restores the run from its storage folder).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -216,9 +217,18 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def best_checkpoint(run_dir: Path, metric: str = "val_accuracy") -> Path:
-    import json
+def resume_epoch(run_dir: Path) -> int:
+    """The epoch Train V2 will resume after: its snapshot's latest checkpoint (0 when starting fresh)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if snapshot.is_file():
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+        m = CKPT_RE.match(latest.get("checkpoint_dir_name", ""))
+        if m:
+            return int(m.group(1))
+    return 0
 
+
+def best_checkpoint(run_dir: Path, metric: str = "val_accuracy") -> Path:
     scored = []
     for epoch, path in list_checkpoints(run_dir):
         m = json.loads((path / "metrics.json").read_text())
@@ -232,9 +242,8 @@ def fit(cfg: WorkflowConfig, datasets: dict[str, ray.data.Dataset], pre: Preproc
         run_name: str, log=print) -> Path:
     """Train (or resume) the run; returns the run directory holding its checkpoints."""
     run_dir = runs_root / run_name
-    done = list_checkpoints(run_dir)
-    if done:
-        last = done[-1][0]
+    last = resume_epoch(run_dir)
+    if last:
         if last >= cfg.train.epochs:
             log(f"run {run_name}: all {cfg.train.epochs} epochs already done; skipping training")
             return run_dir

@@ -1,0 +1,329 @@
+"""Request/response models and input validation for the Serve app. Pure functions: no Ray, no HTTP.
+
+Everything a client sends is checked here before it can reach the model. A problem raises
+``InputError(status, field, message, expected)``; the app turns it into
+``{"error": "<field>: <message>", "field": ..., "expected": ..., "status": ...}`` with that status code.
+
+/predict body (one of):
+    {"input": X}                 one input
+    {"inputs": [X, X, ...]}      a batch of 1..max_inputs inputs
+where X, for a model with input_shape [H, W], is H*W numbers, an H x W nested list, or a base64 PNG string
+(grayscale, exactly W x H pixels, optionally prefixed "data:image/png;base64,").
+
+/v2/models/{name}/infer body (Open Inference Protocol, REST):
+    {"id": "...", "inputs": [{"name": "input", "shape": [N, H, W] | [N, H*W], "datatype": "FP32",
+      "data": [...flat or nested, row-major...]}], "outputs": [{"name": "probabilities"}, {"name": "label"}]}
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+MAX_ABS = 1e6                 # inputs are pixels/features: anything larger is a client error, not a model input
+PNG_PREFIX = "data:image/png;base64,"
+MAX_PNG_CHARS = 256 * 1024    # base64 text per image (a 28x28 grayscale PNG is < 1 KiB)
+V2_DATATYPES = {
+    "FP16": "f", "FP32": "f", "FP64": "f",
+    "INT8": "i", "INT16": "i", "INT32": "i", "INT64": "i",
+    "UINT8": "u", "UINT16": "u", "UINT32": "u", "UINT64": "u",
+}
+_INT_RANGES = {"INT8": (-128, 127), "INT16": (-(1 << 15), (1 << 15) - 1), "INT32": (-(1 << 31), (1 << 31) - 1),
+               "INT64": (-(1 << 63), (1 << 63) - 1), "UINT8": (0, 255), "UINT16": (0, (1 << 16) - 1),
+               "UINT32": (0, (1 << 32) - 1), "UINT64": (0, (1 << 64) - 1)}
+V2_OUTPUTS = ("probabilities", "label")
+
+
+class InputError(Exception):
+    """A client error: the HTTP status, the offending field, what was wrong and what is expected."""
+
+    def __init__(self, status: int, field: str, message: str, expected: str):
+        super().__init__(f"{field}: {message}")
+        self.status, self.field, self.message, self.expected = status, field, message, expected
+
+    def to_dict(self) -> dict:
+        return {"error": f"{self.field}: {self.message}; expected {self.expected}", "field": self.field,
+                "expected": self.expected, "status": self.status}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What one input must look like, taken from the served model's preprocessor."""
+    input_shape: tuple[int, ...]
+    max_inputs: int
+    pixel_scale: float = 1.0      # PNG pixels are 0..255; digits were trained on 0..16
+
+    @property
+    def dim(self) -> int:
+        return int(np.prod(self.input_shape))
+
+    def describe(self) -> str:
+        shape = "x".join(map(str, self.input_shape))
+        forms = f"{self.dim} numbers"
+        if len(self.input_shape) > 1:
+            forms += f", a {shape} nested list of numbers"
+        if len(self.input_shape) == 2:
+            forms += f", or a base64 PNG ({self.input_shape[1]}x{self.input_shape[0]} pixels, grayscale)"
+        return forms + f" (finite, |x| <= {MAX_ABS:g})"
+
+
+# -- pydantic models: documentation (OpenAPI at /docs) and response shapes ------------------------------
+class PredictRequest(BaseModel):
+    """Send exactly one of `input` / `inputs`."""
+    input: list[float] | list[list[float]] | str | None = Field(
+        None, description="one input: flat numbers, a nested list matching the model's input shape, or a base64 PNG")
+    inputs: list[list[float] | list[list[float]] | str] | None = Field(
+        None, description="a batch of inputs (1..serve.max_inputs)")
+
+
+class Prediction(BaseModel):
+    label: str
+    label_index: int
+    probabilities: dict[str, float]
+    model_version: int
+
+
+class PredictResponse(BaseModel):
+    model: str
+    model_version: int
+    predictions: list[Prediction]
+
+
+class V2Tensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+    parameters: dict[str, Any] | None = None
+
+
+class V2RequestedOutput(BaseModel):
+    name: Literal["probabilities", "label"]
+
+
+class V2InferRequest(BaseModel):
+    id: str | None = None
+    inputs: list[V2Tensor]
+    outputs: list[V2RequestedOutput] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[V2Tensor]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    field: str
+    expected: str
+    status: int
+
+
+# -- validation --------------------------------------------------------------------------------------
+def _has_bool(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if v is True or v is False:
+            return True
+        if isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
+def _numeric_array(value: Any, field: str, expected: str) -> np.ndarray:
+    """Any JSON value -> a numeric ndarray, or InputError naming the field. Refuses bools, strings, nulls,
+    objects and ragged lists."""
+    if not isinstance(value, list):
+        raise InputError(422, field, f"got {type(value).__name__ if value is not None else 'null'}", expected)
+    try:
+        arr = np.array(value)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise InputError(422, field, "is a ragged or malformed nested list", expected) from None
+    if arr.dtype.kind not in "iuf" or arr.size == 0:
+        if arr.size == 0:
+            raise InputError(422, field, "is empty", expected)
+        raise InputError(422, field, "contains a non-number (string, bool, null or object)", expected)
+    return arr
+
+
+def _check_finite(arr: np.ndarray, field: str, expected: str, sub_shape: tuple[int, ...] | None = None) -> None:
+    bad = ~np.isfinite(arr) if arr.dtype.kind == "f" else np.zeros(arr.shape, bool)
+    bad |= np.abs(arr.astype(np.float64, copy=False)) > MAX_ABS
+    if bad.any():
+        idx = np.unravel_index(int(np.flatnonzero(bad.reshape(-1))[0]), arr.shape)
+        where = "".join(f"[{i}]" for i in idx)
+        value = arr[idx]
+        raise InputError(422, f"{field}{where}", f"value {value!r} is not finite or out of range", expected)
+
+
+def _decode_png(text: str, field: str, spec: InputSpec) -> np.ndarray:
+    expected = spec.describe()
+    if len(spec.input_shape) != 2:
+        raise InputError(422, field, "got a string, but this model takes numbers only", expected)
+    if len(text) > MAX_PNG_CHARS:
+        raise InputError(413, field, f"PNG text is {len(text)} characters (limit {MAX_PNG_CHARS})", expected)
+    if text.startswith(PNG_PREFIX):
+        text = text[len(PNG_PREFIX):]
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(422, field, "is a string but not valid base64", expected) from None
+    if not raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise InputError(422, field, "is base64 but not a PNG image", expected)
+    from PIL import Image  # imported lazily: numeric-only clients never pay for it
+
+    h, w = spec.input_shape
+    try:
+        img = Image.open(io.BytesIO(raw), formats=["PNG"])
+        if img.size != (w, h):  # checked on the header, before any pixel is decoded (no decompression bombs)
+            raise InputError(422, field, f"PNG is {img.size[0]}x{img.size[1]} pixels", expected)
+        pixels = np.asarray(img.convert("L"), dtype=np.float32)
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any decoder failure is a bad image, never a server error
+        raise InputError(422, field, f"PNG cannot be decoded ({type(err).__name__})", expected) from None
+    return pixels.reshape(-1) * np.float32(spec.pixel_scale)
+
+
+def _one_input(value: Any, field: str, spec: InputSpec) -> np.ndarray:
+    """One input -> float32 (D,)."""
+    expected = spec.describe()
+    if isinstance(value, str):
+        return _decode_png(value, field, spec)
+    arr = _numeric_array(value, field, expected)
+    if arr.shape != (spec.dim,) and arr.shape != spec.input_shape:
+        raise InputError(422, field, f"has shape {list(arr.shape)}", expected)
+    _check_finite(arr, field, expected)
+    return arr.astype(np.float32).reshape(-1)
+
+
+def parse_predict(body: Any, spec: InputSpec) -> np.ndarray:
+    """A /predict JSON body -> float32 (N, D). Raises InputError."""
+    expected_body = '{"input": X} or {"inputs": [X, ...]}'
+    if not isinstance(body, dict):
+        raise InputError(422, "body", f"is a JSON {type(body).__name__}, not an object", expected_body)
+    unknown = sorted(set(body) - {"input", "inputs"})
+    if unknown:
+        raise InputError(422, unknown[0], "is not a known field", expected_body)
+    if ("input" in body) == ("inputs" in body):
+        raise InputError(422, "body", "must have exactly one of 'input' and 'inputs'", expected_body)
+    if "input" in body:
+        return _one_input(body["input"], "input", spec)[None, :]
+    items = body["inputs"]
+    expected = f"a list of 1..{spec.max_inputs} inputs, each {spec.describe()}"
+    if not isinstance(items, list):
+        raise InputError(422, "inputs", f"is a {type(items).__name__}, not a list", expected)
+    if not items:
+        raise InputError(422, "inputs", "is an empty batch", expected)
+    if len(items) > spec.max_inputs:
+        raise InputError(422, "inputs", f"has {len(items)} inputs (limit {spec.max_inputs})", expected)
+    # Fast path: a rectangular all-number batch is checked in one vectorised pass.
+    if not any(isinstance(v, str) for v in items) and not _has_bool(items):
+        try:
+            arr = np.array(items)
+        except (ValueError, TypeError, OverflowError, RecursionError):
+            arr = None
+        if arr is not None and arr.dtype.kind in "iuf" and arr.shape[1:] in ((spec.dim,), spec.input_shape):
+            _check_finite(arr, "inputs", spec.describe())
+            return arr.astype(np.float32).reshape(len(items), spec.dim)
+    return np.stack([_one_input(v, f"inputs[{i}]", spec) for i, v in enumerate(items)])
+
+
+def parse_v2_infer(body: Any, spec: InputSpec) -> tuple[np.ndarray, str | None, list[str]]:
+    """An Open Inference Protocol infer body -> (float32 (N, D), request id, output names)."""
+    dims = list(spec.input_shape)
+    expected_body = ('{"inputs": [{"name": "input", "shape": [N, ' + ", ".join(map(str, dims)) + '], '
+                     '"datatype": "FP32", "data": [...]}]}')
+    if not isinstance(body, dict):
+        raise InputError(422, "body", f"is a JSON {type(body).__name__}, not an object", expected_body)
+    unknown = sorted(set(body) - {"id", "inputs", "outputs", "parameters"})
+    if unknown:
+        raise InputError(422, unknown[0], "is not a known field", expected_body)
+    req_id = body.get("id")
+    if req_id is not None and not isinstance(req_id, str):
+        raise InputError(422, "id", f"is a {type(req_id).__name__}", "a string")
+    if body.get("parameters") is not None and not isinstance(body["parameters"], dict):
+        raise InputError(422, "parameters", "is not an object", "an object")
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        raise InputError(422, "inputs", "must be a list holding exactly one tensor", expected_body)
+    t = inputs[0]
+    if not isinstance(t, dict):
+        raise InputError(422, "inputs[0]", "is not an object", expected_body)
+    unknown = sorted(set(t) - {"name", "shape", "datatype", "data", "parameters"})
+    if unknown:
+        raise InputError(422, f"inputs[0].{unknown[0]}", "is not a known field", expected_body)
+    if t.get("name") != "input":
+        raise InputError(422, "inputs[0].name", f"is {t.get('name')!r}", '"input"')
+    dtype = t.get("datatype")
+    if dtype not in V2_DATATYPES:
+        raise InputError(422, "inputs[0].datatype", f"is {dtype!r}", f"one of {', '.join(V2_DATATYPES)} (FP32 preferred)")
+    shape = t.get("shape")
+    shape_expected = f"[N, {', '.join(map(str, dims))}] or [N, {spec.dim}] with 1 <= N <= {spec.max_inputs}"
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
+        raise InputError(422, "inputs[0].shape", f"is {shape!r}", shape_expected)
+    if shape[1:] != dims and shape[1:] != [spec.dim]:
+        raise InputError(422, "inputs[0].shape", f"is {shape}", shape_expected)
+    n = shape[0]
+    if n < 1:
+        raise InputError(422, "inputs[0].shape", f"has batch size {n} (empty batch)", shape_expected)
+    if n > spec.max_inputs:
+        raise InputError(422, "inputs[0].shape", f"has batch size {n} (limit {spec.max_inputs})", shape_expected)
+    data_expected = f"{n * spec.dim} {dtype} numbers, flat or nested, row-major"
+    data = t.get("data")
+    if isinstance(data, list) and _has_bool(data):
+        raise InputError(422, "inputs[0].data", "contains a bool", data_expected)
+    arr = _numeric_array(data, "inputs[0].data", data_expected)
+    if arr.size != n * spec.dim:
+        raise InputError(422, "inputs[0].data", f"has {arr.size} elements, shape {shape} needs {n * spec.dim}",
+                         data_expected)
+    kind = V2_DATATYPES[dtype]
+    if kind in "iu":
+        if arr.dtype.kind == "f":
+            raise InputError(422, "inputs[0].data", f"holds fractional numbers but datatype is {dtype}", data_expected)
+        lo, hi = _INT_RANGES[dtype]
+        if arr.min() < lo or arr.max() > hi:
+            raise InputError(422, "inputs[0].data", f"has a value outside the {dtype} range", data_expected)
+    if dtype == "FP16":
+        finite16 = np.abs(arr.astype(np.float64)) <= 65504
+        if not finite16.all():
+            raise InputError(422, "inputs[0].data", "has a value outside the FP16 range", data_expected)
+    flat = arr.reshape(-1)
+    _check_finite(flat, "inputs[0].data", data_expected)
+    outs = body.get("outputs")
+    names = list(V2_OUTPUTS)
+    if outs is not None:
+        if not isinstance(outs, list) or not all(isinstance(o, dict) for o in outs):
+            raise InputError(422, "outputs", "is not a list of objects", '[{"name": "probabilities"}, {"name": "label"}]')
+        names = []
+        for i, o in enumerate(outs):
+            if o.get("name") not in V2_OUTPUTS:
+                raise InputError(422, f"outputs[{i}].name", f"is {o.get('name')!r}", f"one of {', '.join(V2_OUTPUTS)}")
+            names.append(o["name"])
+    return flat.astype(np.float32).reshape(n, spec.dim), req_id, names
+
+
+def check_content_type(value: str | None) -> None:
+    media = (value or "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise InputError(415, "Content-Type", f"is {value!r}", "application/json")
+
+
+def finite_rows(probs: np.ndarray) -> np.ndarray:
+    """Rows whose probabilities are all finite (a guard: a NaN must never be serialised)."""
+    return np.isfinite(probs).all(axis=1)
+
+
+def clean_float(x: float) -> float:
+    return float(x) if math.isfinite(x) else 0.0
