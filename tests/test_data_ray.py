@@ -1,0 +1,107 @@
+"""Ray Data sources and the preprocessor on a real local Ray: splits, tables, IDX, fit-on-train-only."""
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.datasets import load_digits
+
+from modelworks.config import DataConfig
+from modelworks.data import preprocess, sources
+from modelworks.errors import DataError
+from tests.test_idx import make_split
+
+pytestmark = pytest.mark.ray
+
+
+def rows(ds):
+    return sum(len(b["label"]) for b in ds.iter_batches(batch_size=4096, batch_format="numpy"))
+
+
+def test_split_codes_are_seeded_and_proportional():
+    x = np.random.default_rng(0).integers(0, 255, size=(20000, 16), dtype=np.uint8)
+    a = sources.split_codes(x, 0, 0.1, 0.2)
+    assert np.array_equal(a, sources.split_codes(x, 0, 0.1, 0.2))  # reproducible
+    assert not np.array_equal(a, sources.split_codes(x, 1, 0.1, 0.2))  # the seed matters
+    assert abs((a == 2).mean() - 0.2) < 0.015 and abs((a == 1).mean() - 0.08) < 0.015
+    # blocking does not matter: codes depend only on each row
+    assert np.array_equal(a[5000:6000], sources.split_codes(x[5000:6000], 0, 0.1, 0.2))
+
+
+def test_digits_splits_are_disjoint_and_complete(ray_local):
+    src = sources.digits_source(DataConfig(source="digits", val_fraction=0.15, test_fraction=0.2))
+    seen = {s: {r["x"].tobytes() for r in src.splits[s].take_all()} for s in sources.SPLITS}
+    assert sum(rows(src.splits[s]) for s in sources.SPLITS) == 1797
+    assert not (seen["train"] & seen["test"]) and not (seen["train"] & seen["val"])
+    assert 300 < rows(src.splits["test"]) < 420
+
+
+def test_preprocessor_is_fitted_on_train_only(ray_local, tmp_path):
+    # Train-ish rows around 0, and a few rows with huge values: wherever those land outside train,
+    # the fitted mean must not see them.
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, size=(3000, 4)).astype(np.float32)
+    x[:300] += 1000.0
+    df = pd.DataFrame(x, columns=list("abcd")).assign(label=rng.integers(0, 3, 3000))
+    df.to_csv(tmp_path / "t.csv", index=False)
+    cfg = DataConfig(source="table", path=str(tmp_path / "t.csv"), val_fraction=0.2, test_fraction=0.2)
+    src = sources.table_source(cfg)
+    pre = preprocess.fit(src.splits["train"], {}, None)
+    codes = sources.split_codes(df[list("abcd")].to_numpy(np.float32), 0, 0.2, 0.2)
+    train_only = df[list("abcd")].to_numpy(np.float64)[codes == 0]
+    assert pre.mean == pytest.approx(train_only.mean(), rel=1e-6)
+    assert pre.mean != pytest.approx(df[list("abcd")].to_numpy().mean(), rel=1e-3)
+    assert pre.classes == [0, 1, 2] and pre.input_shape == [4]
+    batch = pre(src.splits["test"].take_batch(8, batch_format="numpy"))
+    assert batch["x"].dtype == np.float32 and batch["x"].shape == (8, 4) and batch["y"].dtype == np.int64
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_table_sources_with_pixel_columns_or_image_column(ray_local, tmp_path, fmt):
+    d = load_digits()
+    if fmt == "csv":
+        df = pd.DataFrame(d.data, columns=[f"p{i}" for i in range(64)]).assign(digit=d.target)
+        path = tmp_path / "digits.csv"
+        df.to_csv(path, index=False)
+        cfg = DataConfig(source="table", path=str(path), label_column="digit")
+    else:
+        df = pd.DataFrame({"image": list(d.data.astype(np.float32)), "digit": d.target.astype(str)})
+        path = tmp_path / "digits.parquet"
+        df.to_parquet(path)
+        cfg = DataConfig(source="table", path=f"file://{path}", label_column="digit", image_column="image")
+    src = sources.table_source(cfg)
+    assert sum(rows(src.splits[s]) for s in sources.SPLITS) == 1797
+    pre = preprocess.fit(src.splits["train"], {}, None)
+    assert pre.input_dim == 64 and pre.num_classes == 10
+    assert pre.mean == pytest.approx(d.data.mean(), rel=0.05)
+
+
+def test_table_with_a_wrong_label_column_fails_clearly(ray_local, tmp_path):
+    pd.DataFrame({"a": [1.0, 2.0], "y": [0, 1]}).to_csv(tmp_path / "t.csv", index=False)
+    src = sources.table_source(DataConfig(source="table", path=str(tmp_path / "t.csv")))
+    with pytest.raises(Exception) as err:
+        src.splits["train"].take_all()
+    assert "no label column 'label'" in str(err.value)
+
+
+def test_missing_table_is_a_data_error(ray_local, tmp_path):
+    with pytest.raises(DataError, match="check data.path"):
+        sources.table_source(DataConfig(source="table", path=str(tmp_path / "nope.parquet")))
+
+
+def test_idx_source_from_generated_files(ray_local, tmp_path):
+    images, labels = make_split(tmp_path / "mnist", n_images=400, n_labels=400)
+    make_split(tmp_path / "mnist", n_images=100, n_labels=100, split="test")
+    cfg = DataConfig(source="idx", name="mnist", val_fraction=0.1, download=False)
+    src = sources.idx_source(cfg, tmp_path)
+    assert rows(src.splits["train"]) + rows(src.splits["val"]) == 400
+    assert rows(src.splits["test"]) == 100
+    got = sorted(r["x"].tobytes() for r in src.splits["train"].take_all() + src.splits["val"].take_all())
+    assert got == sorted(img.tobytes() for img in images)
+
+
+def test_real_mnist_source_counts(ray_local, mnist_dir):
+    cfg = DataConfig(source="idx", name="mnist", val_fraction=0.1, download=False)
+    src = sources.idx_source(cfg, mnist_dir.parent)
+    n_train, n_val = rows(src.splits["train"]), rows(src.splits["val"])
+    assert n_train + n_val == 60000 and 5500 < n_val < 6500
+    assert rows(src.splits["test"]) == 10000
+    assert src.class_names["3"] == "3"
