@@ -76,15 +76,64 @@ class RegisterConfig(_Strict):
     gate_margin: float = 0.0
 
 
+# Search-space domains: {"loguniform": [lo, hi]}, {"uniform": [lo, hi]}, {"quniform": [lo, hi, q]},
+# {"randint": [lo, hi]} (hi exclusive), {"choice": [a, b, ...]}; a bare list means choice, a scalar a constant.
+SPACE_KINDS = {"loguniform": 2, "uniform": 2, "quniform": 3, "randint": 2, "choice": None}
+# Sections whose fields a search may vary; a key without a dot ("lr") names the first section holding it.
+SEARCHABLE_SECTIONS = ("train", "model", "data")
+
+
+def _section_fields(section: str) -> set[str]:
+    return set({"train": TrainConfig, "model": ModelConfig, "data": DataConfig}[section].model_fields)
+
+
 class SearchConfig(_Strict):
     enabled: bool = False
     num_samples: int = Field(8, ge=1)
     space: dict[str, Any] = Field(default_factory=dict, description="dotted key -> tune domain spec")
-    max_epochs: int | None = None
+    max_epochs: int | None = Field(None, ge=1, description="epochs of a trial that is never stopped (default train.epochs)")
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(3, ge=2)
     searcher: Literal["random"] = "random"
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="fifo runs every trial to max_epochs")
     seed: int = 0
+    max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's CPUs allow")
+    cpus_per_trial: float | None = Field(None, gt=0, description="default: 1 CPU per training worker")
+
+    @model_validator(mode="after")
+    def _check_space(self) -> "SearchConfig":
+        """Dotted keys must name a train/model/data field; short keys are resolved; domains are checked."""
+        resolved: dict[str, Any] = {}
+        for key, spec in self.space.items():
+            if spec is None:  # --set search.space.lr=null removes a dimension
+                continue
+            section, dot, field = key.partition(".")
+            if not dot:
+                homes = [s for s in SEARCHABLE_SECTIONS if key in _section_fields(s)]
+                if not homes:
+                    raise ValueError(f"search.space: '{key}' is not a field of {'/'.join(SEARCHABLE_SECTIONS)}")
+                section, field = homes[0], key
+            elif section not in SEARCHABLE_SECTIONS or field not in _section_fields(section):
+                raise ValueError(f"search.space: '{key}' is not a config field (use e.g. train.lr, model.dropout)")
+            if isinstance(spec, dict):
+                if len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+                    raise ValueError(f"search.space.{key}: a domain is one of {sorted(SPACE_KINDS)} "
+                                     f"(e.g. {{\"loguniform\": [1e-4, 1e-2]}}), got {spec!r}")
+                kind, args = next(iter(spec.items()))
+                need = SPACE_KINDS[kind]
+                if not isinstance(args, list) or not args or (need is not None and len(args) != need):
+                    raise ValueError(f"search.space.{key}: {kind} takes a list of "
+                                     f"{need or 'one or more'} values, got {args!r}")
+                if kind != "choice" and not (args[0] < args[1]):
+                    raise ValueError(f"search.space.{key}: {kind} needs low < high, got {args!r}")
+                if kind == "loguniform" and args[0] <= 0:
+                    raise ValueError(f"search.space.{key}: loguniform needs low > 0, got {args!r}")
+            elif isinstance(spec, list) and not spec:
+                raise ValueError(f"search.space.{key}: an empty list of choices")
+            resolved[f"{section}.{field}"] = spec
+        if resolved != self.space:
+            object.__setattr__(self, "space", resolved)
+        return self
 
 
 class ServeConfig(_Strict):

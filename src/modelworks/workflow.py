@@ -100,6 +100,10 @@ def register_result(cfg: WorkflowConfig, run_name: str, ckpt: Path, eval_dir: Pa
 
 def run_workflow(cfg: WorkflowConfig, *, run_name: str | None = None, data_dir: str | None = None,
                  log: Callable[[str], None] = print) -> RunResult:
+    if cfg.search.enabled:  # hyperparameter search first; the best trial is what gets evaluated/registered
+        from modelworks import tune
+
+        return tune.run_workflow_search(cfg, run_name=run_name, data_dir=data_dir, log=log)
     t0 = time.time()
     ensure_ray()
     run_name = run_name or default_run_name(cfg)

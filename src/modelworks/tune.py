@@ -1,0 +1,587 @@
+"""Ray Tune over the train loop: ASHA on `epoch`, resource-aware concurrency, best trial -> registry.
+
+A trial is a Tune class trainable that runs the *same* ``train.train_loop`` the plain run uses:
+
+- 1 training worker: the loop runs in a thread of the trial actor, under Ray Train's local-mode function
+  utilities (like ``ScalingConfig(num_workers=0)``) whose ``report`` hands each epoch to Tune in lock-step.
+  Nothing outlives the trial actor, so a trial stopped by ASHA releases all it held. (The documented Train V2
+  pattern - a Tune function that nests a ``TorchTrainer`` - hung on 2 cores: a stopped trial left its Train
+  workers behind, ray-project/ray#54305; see docs/ray-notes.md.)
+- N > 1 workers: the trial actor runs a real ``TorchTrainer`` (DDP over N workers) and forwards each
+  ``checkpoint_epoch=N`` it writes; the controller and workers are owned by the trial actor and die with it.
+
+CPUs are budgeted from ``ray.cluster_resources()`` minus ``train.DATA_CPUS`` (kept for Ray Data); a trial
+that can never fit fails before anything starts. The best trial (by validation accuracy, never test) is
+evaluated on the test split and registered through the workflow's gate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from modelworks.config import WorkflowConfig, validate
+from modelworks.errors import UserError
+
+TRIAL_TABLE_COLUMNS = ("trial_id", "status", "epochs", "best_val_accuracy", "best_epoch", "last_val_accuracy",
+                       "attempts", "seconds")
+
+
+# ------------------------------------------------------------------------------------------- the space
+def tune_domain(spec: Any):
+    """A config domain spec (see config.SPACE_KINDS) -> a Ray Tune domain; scalars stay constants."""
+    from ray import tune
+
+    if isinstance(spec, list):
+        return tune.choice(spec)
+    if not isinstance(spec, dict):
+        return spec
+    kind, args = next(iter(spec.items()))
+    if kind == "loguniform":
+        return tune.loguniform(*args)
+    if kind == "uniform":
+        return tune.uniform(*args)
+    if kind == "quniform":
+        return tune.quniform(*args)
+    if kind == "randint":
+        return tune.randint(*args)
+    return tune.choice(args)
+
+
+def possible_values(cfg: WorkflowConfig, key: str) -> list:
+    """Every value a trial may take for a dotted key (only meaningful for choices/constants)."""
+    spec = cfg.search.space.get(key)
+    if spec is None:
+        section, _, fld = key.partition(".")
+        return [getattr(getattr(cfg, section), fld)]
+    if isinstance(spec, list):
+        return spec
+    if isinstance(spec, dict):
+        kind, args = next(iter(spec.items()))
+        if kind == "choice":
+            return args
+        if kind == "randint":
+            return list(range(int(args[0]), int(args[1])))
+        return [args[1]]
+    return [spec]
+
+
+def trial_config(base: WorkflowConfig, params: dict[str, Any]) -> WorkflowConfig:
+    """The base workflow config with a trial's sampled values (dotted keys) and the search's epoch budget."""
+    data = base.model_dump(mode="json")
+    for key, value in params.items():
+        section, _, fld = key.partition(".")
+        data[section][fld] = value.item() if hasattr(value, "item") else value
+    data["train"]["epochs"] = max_epochs(base)
+    data["search"]["enabled"] = False  # a trial is a plain training run
+    return validate(data)
+
+
+def max_epochs(cfg: WorkflowConfig) -> int:
+    return cfg.search.max_epochs or cfg.train.epochs
+
+
+def search_name(cfg: WorkflowConfig) -> str:
+    """Deterministic (config digest with `enabled` normalised), so the same command finds the same search."""
+    norm = cfg.model_copy(deep=True)
+    norm.search.enabled = True
+    return f"{cfg.name}-search-{norm.digest()}"
+
+
+# ---------------------------------------------------------------------------------------- resources
+@dataclass
+class TrialPlan:
+    total_cpus: float
+    workers: int              # training workers per trial (the largest a trial may ask for)
+    cpus_per_worker: float
+    trial_cpus: float         # what one trial holds in all
+    concurrency: int
+    threads: int              # torch threads per worker
+
+    def describe(self) -> str:
+        return (f"{self.concurrency} concurrent trial(s) x {self.workers} worker(s) x {self.cpus_per_worker:g} CPU "
+                f"on {self.total_cpus:g} CPUs ({_data_cpus():g} kept for Ray Data), {self.threads} torch thread(s)")
+
+
+def _data_cpus() -> float:
+    from modelworks.train import DATA_CPUS
+
+    return DATA_CPUS
+
+
+# The trial actor of a multi-worker trial only waits on its TorchTrainer: a sliver of a CPU
+# (0 is refused by Tune: "empty head").
+DRIVER_CPUS = 0.01
+
+
+def plan_trials(cfg: WorkflowConfig, resources: dict[str, float] | None = None,
+                physical_cpus: int | None = None, local: bool = True) -> TrialPlan:
+    """Per-trial resources and concurrency from the cluster's resources, always leaving DATA_CPUS free.
+
+    Raises UserError at once when a trial could never be scheduled (instead of Tune waiting forever).
+    """
+    import ray
+
+    res = resources if resources is not None else ray.cluster_resources()
+    total = float(res.get("CPU", 0.0))
+    free = total - _data_cpus()
+    workers = max(int(w) for w in possible_values(cfg, "train.workers"))
+    use_gpu = any(bool(g) for g in possible_values(cfg, "train.use_gpu"))
+    s = cfg.search
+    if free <= 0:
+        raise UserError(f"the Ray cluster has {total:g} CPUs; a search needs more than {_data_cpus():g} "
+                        f"(kept for Ray Data): start Ray with more CPUs")
+    if use_gpu and res.get("GPU", 0.0) < workers:
+        raise UserError(f"a trial asks for {workers} GPU worker(s) but the cluster has {res.get('GPU', 0.0):g} GPUs; "
+                        f"set train.use_gpu=false or add GPUs")
+    if workers == 1:
+        per_worker = s.cpus_per_trial or min(1.0, free)
+        need = per_worker
+    else:
+        per_worker = (s.cpus_per_trial / workers) if s.cpus_per_trial else min(1.0, (free - DRIVER_CPUS) / workers)
+        need = per_worker * workers + DRIVER_CPUS
+    if need > free + 1e-9 or per_worker < 0.1 - 1e-9:
+        raise UserError(f"a trial asks for {workers} worker(s) x {per_worker:.2g} CPU (+ driver) = {need:.3g} CPUs, "
+                        f"but the cluster has {total:g} CPUs with {_data_cpus():g} kept for Ray Data, so it could "
+                        f"never start; lower train.workers / search.cpus_per_trial or add CPUs")
+    concurrency = max(1, int(math.floor(free / need + 1e-9)))
+    if s.max_concurrent:
+        concurrency = min(concurrency, s.max_concurrent)
+    concurrency = min(concurrency, s.num_samples)
+    physical = physical_cpus or os.cpu_count() or 1
+    threads = max(1, physical // (concurrency * workers)) if local else max(1, int(per_worker))
+    return TrialPlan(total, workers, round(per_worker, 4), round(need, 4), concurrency, threads)
+
+
+# ------------------------------------------------------------------------------------------ the trial
+class _Stopped(BaseException):
+    """Raised inside the training thread when Tune stops the trial (BaseException: train_loop must not catch it)."""
+
+
+def _bridge_utils(experiment: str, datasets: dict, resume_dir: str | None, on_report: Callable):
+    """Ray Train's local-mode function utilities, with `report` forwarded to the trial (lock-step)."""
+    import ray.train
+    from ray.train.v2._internal.execution.train_fn_utils import LocalTrainFnUtils
+
+    class _TuneBridge(LocalTrainFnUtils):
+        def report(self, metrics, checkpoint=None, checkpoint_dir_name=None, **_kw):
+            self._last_metrics = metrics
+            on_report(metrics, checkpoint, checkpoint_dir_name)
+
+    utils = _TuneBridge(experiment_name=experiment, dataset_shards=datasets)
+    if resume_dir:
+        utils._last_checkpoint = ray.train.Checkpoint.from_directory(resume_dir)
+    return utils
+
+
+def _trainable_class():
+    from ray import tune
+
+    class ModelworksTrial(tune.Trainable):
+        """One search trial: `train.train_loop` for one set of sampled hyperparameters, one epoch per step."""
+
+        def setup(self, config, base=None, pre_json=None, datasets=None, plan=None, search_dir=None):
+            self.cfg = trial_config(WorkflowConfig.model_validate(base), config)
+            self.pre_json, self.datasets, self.plan = pre_json, datasets, TrialPlan(**plan)
+            self.search_dir = Path(search_dir)
+            self.staging = Path(tempfile.mkdtemp(prefix=f"mw-trial-{self.trial_id}-"))
+            self.latest: Path | None = None        # newest epoch checkpoint directory
+            self.last_metrics: dict | None = None
+            self.resume_dir: str | None = None
+            self.thread: threading.Thread | None = None
+            self.to_tune: queue.Queue = queue.Queue()
+            self.to_train: queue.Queue = queue.Queue()
+            self.started = time.time()
+            self.epochs_trained = 0
+            self._log_attempt({"event": "start", "pid": os.getpid()})
+
+        # -- bookkeeping visible to the trial table and to resume checks
+        def _log_attempt(self, record: dict) -> None:
+            path = self.search_dir / "attempts" / f"{self.trial_id}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+        def _loop_config(self) -> dict:
+            return {"config": self.cfg.model_dump(mode="json"), "preprocessor": self.pre_json,
+                    "threads": self.plan.threads}
+
+        # -- 1 worker: the loop in this process, lock-step with Tune
+        def _on_report(self, metrics, checkpoint, dir_name) -> None:
+            target = None
+            if checkpoint is not None:  # train_loop deletes its temp dir after report: copy it now
+                target = self.staging / (dir_name or f"checkpoint_epoch={metrics['epoch']}")
+                shutil.copytree(checkpoint.path, target, dirs_exist_ok=True)
+            self.to_tune.put(("report", dict(metrics), target))
+            if self.to_train.get() == "stop":
+                raise _Stopped()
+
+        def _run_local(self) -> None:
+            from ray.train.v2._internal.execution.train_fn_utils import set_train_fn_utils
+
+            from modelworks import train
+
+            try:
+                set_train_fn_utils(_bridge_utils(self.trial_id, self.datasets, self.resume_dir, self._on_report))
+                train.train_loop(self._loop_config())
+                self.to_tune.put(("finished", None, None))
+            except _Stopped:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - handed to Tune as the trial's error
+                self.to_tune.put(("error", exc, None))
+
+        # -- N workers: a real TorchTrainer; forward each checkpoint_epoch=N it writes
+        def _run_distributed(self) -> None:
+            from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+            from ray.train.torch import TorchTrainer
+
+            from modelworks import train
+
+            try:
+                TorchTrainer(
+                    train.train_loop, train_loop_config=self._loop_config(),
+                    datasets={"train": self.datasets["train"], "val": self.datasets["val"]},
+                    scaling_config=ScalingConfig(num_workers=self.cfg.train.workers, use_gpu=self.cfg.train.use_gpu,
+                                                 resources_per_worker={"CPU": self.plan.cpus_per_worker}),
+                    run_config=RunConfig(name=self.trial_id, storage_path=str(self.search_dir / "train"),
+                                         failure_config=FailureConfig(max_failures=self.cfg.train.max_failures),
+                                         checkpoint_config=CheckpointConfig(num_to_keep=None)),
+                ).fit()
+                self.to_tune.put(("finished", None, None))
+            except BaseException as exc:  # noqa: BLE001
+                self.to_tune.put(("error", exc, None))
+
+        def _next_distributed(self):
+            from modelworks import train
+
+            run_dir = self.search_dir / "train" / self.trial_id
+            last = self.last_metrics["epoch"] if self.last_metrics else 0
+
+            def newer():
+                found = [(e, p) for e, p in train.list_checkpoints(run_dir) if e > last]
+                return ("report", json.loads((found[0][1] / "metrics.json").read_text()), found[0][1]) \
+                    if found else None
+
+            while True:
+                item = newer()
+                if item:
+                    return item
+                if not self.thread.is_alive():
+                    return newer() or self.to_tune.get()  # the thread always leaves one item when it ends
+                time.sleep(0.2)
+
+        def step(self):
+            distributed = self.cfg.train.workers > 1
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run_distributed if distributed else self._run_local,
+                                               daemon=True, name="modelworks-train")
+                self.thread.start()
+            elif not distributed:
+                self.to_train.put("go")
+            kind, payload, path = self._next_distributed() if distributed else self.to_tune.get()
+            if kind == "error":
+                raise payload
+            if kind == "finished":  # resumed after its last epoch: nothing left to train
+                return {**(self.last_metrics or {"epoch": max_epochs(self.cfg)}), "done": True}
+            self.latest, self.last_metrics = path, payload
+            self.epochs_trained += 1
+            self._log_attempt({"event": "epoch", "epoch": payload["epoch"]})
+            metrics = {k: v for k, v in payload.items() if isinstance(v, (int, float))}
+            return {**metrics, "done": payload["epoch"] >= self.cfg.train.epochs}
+
+        def save_checkpoint(self, checkpoint_dir):
+            if self.latest is not None:
+                shutil.copytree(self.latest, checkpoint_dir, dirs_exist_ok=True)
+            return None
+
+        def load_checkpoint(self, checkpoint):
+            src = Path(checkpoint)
+            if (src / "metrics.json").is_file():
+                dst = self.staging / "restored"
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+                self.resume_dir, self.latest = str(dst), dst
+                self.last_metrics = {k: v for k, v in json.loads((dst / "metrics.json").read_text()).items()
+                                     if k != "history"}
+
+        def cleanup(self):
+            if self.thread is not None and self.thread.is_alive() and self.cfg.train.workers == 1:
+                self.to_train.put("stop")
+                self.thread.join(timeout=30)
+            self._log_attempt({"event": "end", "epochs_trained": self.epochs_trained,
+                               "last_epoch": (self.last_metrics or {}).get("epoch", 0)})
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    return ModelworksTrial
+
+
+# ------------------------------------------------------------------------------------------ the search
+@dataclass
+class SearchResult:
+    search: str
+    search_dir: str
+    trials: list[dict]
+    best_trial: str
+    best_params: dict
+    best_checkpoint: str
+    val_accuracy: float
+    test_accuracy: float
+    epochs_total: int
+    model: str
+    production: bool
+    report: str
+    plan: str
+    seconds: float
+    run: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _sorted_params(cfg: WorkflowConfig) -> dict:
+    return {k: tune_domain(v) for k, v in sorted(cfg.search.space.items())}
+
+
+def _trial_table(results, search_dir: Path, epochs_max: int) -> list[dict]:
+    rows = []
+    for r in results:
+        trial_id = r.metrics.get("trial_id") if r.metrics else None
+        trial_id = trial_id or Path(r.path).name
+        df = r.metrics_dataframe
+        history = []
+        if df is not None and "epoch" in df:
+            history = [(int(e), float(a)) for e, a in zip(df["epoch"], df["val_accuracy"])]
+        epochs = max((e for e, _ in history), default=0)
+        best_e, best_a = max(history, key=lambda t: (t[1], -t[0])) if history else (0, float("nan"))
+        attempts_file = search_dir / "attempts" / f"{trial_id}.jsonl"
+        events = [json.loads(x) for x in attempts_file.read_text().splitlines()] if attempts_file.is_file() else []
+        status = "error" if r.error else ("completed" if epochs >= epochs_max else "stopped")
+        rows.append({
+            "trial_id": trial_id, "status": status, "epochs": epochs,
+            "best_val_accuracy": best_a, "best_epoch": best_e,
+            "last_val_accuracy": history[-1][1] if history else float("nan"),
+            "attempts": sum(1 for e in events if e["event"] == "start"),
+            "seconds": round(float(r.metrics.get("time_total_s", 0.0)) if r.metrics else 0.0, 1),
+            "config": {k: (v.item() if hasattr(v, "item") else v) for k, v in (r.config or {}).items()},
+            "history": history, "path": r.path,
+        })
+    return sorted(rows, key=lambda x: x["trial_id"])
+
+
+def _best_checkpoint(rows: list[dict]) -> tuple[dict, Path]:
+    """The best epoch checkpoint over all trials by validation accuracy (then lower val loss, earlier epoch)."""
+    scored = []
+    for row in rows:
+        for mfile in Path(row["path"]).glob("checkpoint_*/metrics.json"):
+            m = json.loads(mfile.read_text())
+            scored.append((m["val_accuracy"], -m["val_loss"], -m["epoch"], row["trial_id"], mfile.parent))
+    if not scored:
+        raise UserError("the search finished without any checkpoint (every trial failed?); see the trial table")
+    best = max(scored, key=lambda t: t[:4])
+    return next(r for r in rows if r["trial_id"] == best[3]), best[4]
+
+
+def write_outputs(rows: list[dict], out: Path, title: str) -> None:
+    """trials.csv, trials.json and trials_val_accuracy.png in `out`."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for r in rows for k in r["config"]})
+    with (out / "trials.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(list(TRIAL_TABLE_COLUMNS) + [f"config.{k}" for k in keys])
+        for r in rows:
+            w.writerow([r[c] for c in TRIAL_TABLE_COLUMNS] + [json.dumps(r["config"].get(k)) for k in keys])
+    (out / "trials.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "path"} for r in rows],
+                                                indent=2))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r["history"]:
+            ax.plot([e for e, _ in r["history"]], [a for _, a in r["history"]], marker="o", markersize=3,
+                    label=f"{r['trial_id']} ({r['status']})")
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "trials_val_accuracy.png", dpi=100)
+    plt.close(fig)
+
+
+def run_search(cfg: WorkflowConfig, *, name: str | None = None, data_dir: str | None = None,
+               resume: bool | None = None, register: bool = True,
+               log: Callable[[str], None] = print) -> SearchResult:
+    """Run (or resume) the workflow's search, evaluate the best trial on test, register it through the gate.
+
+    resume: True continues an interrupted search, False refuses to touch an existing one, None (the
+    `modelworks run` behaviour: same name = resume) continues when one exists.
+    """
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from modelworks import workflow
+    from modelworks.data import preprocess, sources
+    from modelworks.evaluate import evaluate_checkpoint
+
+    t0 = time.time()
+    if not cfg.search.space:
+        raise UserError("search.space is empty: declare at least one dimension, e.g. "
+                        "--set 'search.space.lr={\"loguniform\": [1e-4, 1e-2]}'")
+    workflow.ensure_ray()
+    name = name or search_name(cfg)
+    root = workflow.runs_root()
+    search_dir = root / name
+    epochs_max = max_epochs(cfg)
+    plan = plan_trials(cfg, local=_ray_is_local())
+    # Save Tune's experiment state after every step, so a killed driver loses no finished trial.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+
+    exists = tune.Tuner.can_restore(str(search_dir))
+    if exists and resume is False:
+        raise UserError(f"search '{name}' already exists ({search_dir}); pass --resume to continue it "
+                        f"(finished trials are kept) or --name to start another")
+    saved = search_dir / "workflow_config.json"
+    if exists and saved.is_file() and json.loads(saved.read_text()) != cfg.model_dump(mode="json"):
+        raise UserError(f"search '{name}' exists with a different config ({saved}); use --name for a new one")
+
+    log(f"[1/5] ingest: {cfg.data.source} '{cfg.data.name}'")
+    src = sources.load_source(cfg.data, data_dir)
+    log("[2/5] preprocess: fitting on the training split")
+    pre = preprocess.fit(src.splits["train"], src.class_names, src.image_shape)
+    # Read and preprocess once for every trial: the trials iterate in-memory blocks.
+    datasets = {s: pre.apply(src.splits[s]).materialize() for s in ("train", "val")}
+
+    log(f"[3/5] search '{name}': {cfg.search.num_samples} trials x up to {epochs_max} epochs, "
+        f"{cfg.search.scheduler.upper()}, {plan.describe()}" + (" (resuming)" if exists and resume is not False else ""))
+    search_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable_class(), base=cfg.model_dump(mode="json"), pre_json=pre.to_json(),
+                             datasets=datasets, plan=asdict(plan), search_dir=str(search_dir)),
+        {"cpu": plan.trial_cpus if plan.workers == 1 else DRIVER_CPUS})
+    if exists:
+        tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        metric = cfg.evaluate.metric
+        if cfg.search.scheduler == "asha":
+            scheduler = ASHAScheduler(time_attr="epoch", metric=metric, mode="max", max_t=epochs_max,
+                                      grace_period=min(cfg.search.grace_period, epochs_max),
+                                      reduction_factor=cfg.search.reduction_factor)
+        else:
+            scheduler = FIFOScheduler()
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_sorted_params(cfg),
+            tune_config=tune.TuneConfig(
+                num_samples=cfg.search.num_samples, scheduler=scheduler,
+                search_alg=BasicVariantGenerator(random_state=cfg.search.seed),
+                max_concurrent_trials=plan.concurrency, reuse_actors=False,
+                trial_dirname_creator=lambda t: t.trial_id),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(root),
+                stop={"epoch": epochs_max},
+                checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=None),
+                failure_config=tune.FailureConfig(max_failures=0),
+                verbose=0,
+            ),
+        )
+    grid = tuner.fit()
+
+    rows = _trial_table(list(grid), search_dir, epochs_max)
+    write_outputs(rows, search_dir, f"{name}: validation accuracy per trial")
+    for r in rows:
+        log(f"      {r['trial_id']}: {r['status']:<9} {r['epochs']:>2} epochs  best val {r['best_val_accuracy']:.4f}"
+            f"  {json.dumps(r['config'])}")
+    best_row, best_ckpt = _best_checkpoint(rows)
+    epochs_total = sum(r["epochs"] for r in rows)
+    log(f"      best trial {best_row['trial_id']} ({best_ckpt.name}), {epochs_total} epochs in all")
+
+    log(f"[4/5] evaluate: best trial on the test split")
+    eval_dir = search_dir / "evaluation"
+    metrics = evaluate_checkpoint(best_ckpt, src.splits["test"], eval_dir, f"{name}/{best_row['trial_id']}")
+    write_outputs(rows, eval_dir, f"{name}: validation accuracy per trial")  # registered as artifacts
+    log(f"      test accuracy {metrics['test_accuracy']:.4f} ({metrics['test_samples']} samples)")
+
+    best_cfg = trial_config(cfg, best_row["config"])
+    model_ref, production = "", False
+    if register and cfg.registry.enabled:
+        run_ref = f"{name}/{best_row['trial_id']}"
+        search_meta = {"search": {"name": name, "space": cfg.search.space, "num_samples": cfg.search.num_samples,
+                                  "scheduler": cfg.search.scheduler, "max_epochs": epochs_max,
+                                  "best_trial": best_row["trial_id"], "best_params": best_row["config"],
+                                  "epochs_total": epochs_total},
+                       "trials": [{c: r[c] for c in TRIAL_TABLE_COLUMNS} | {"config": r["config"]} for r in rows]}
+        mname, version, production = workflow.register_result(best_cfg, run_ref, best_ckpt, eval_dir, metrics,
+                                                               extra_meta=search_meta)
+        model_ref = f"{mname}@{version}"
+        log(f"[5/5] register: {model_ref}" + (" (production)" if production else " (production unchanged: gate)"))
+    val_acc = json.loads((best_ckpt / "metrics.json").read_text())["val_accuracy"]
+    return SearchResult(name, str(search_dir), [{k: v for k, v in r.items() if k not in ("history", "path")}
+                                               for r in rows],
+                        best_row["trial_id"], best_row["config"], str(best_ckpt), val_acc,
+                        metrics["test_accuracy"], epochs_total, model_ref, production,
+                        str(eval_dir / "report.md"), plan.describe(), round(time.time() - t0, 1),
+                        run=f"{name}/{best_row['trial_id']}")
+
+
+def _ray_is_local() -> bool:
+    from modelworks.train import ray_is_local
+
+    return ray_is_local()
+
+
+def run_workflow_search(cfg: WorkflowConfig, *, run_name: str | None = None, data_dir: str | None = None,
+                        log: Callable[[str], None] = print):
+    """`modelworks run` with search.enabled: the search, returned as the workflow's RunResult."""
+    from modelworks.workflow import RunResult
+
+    r = run_search(cfg, name=run_name, data_dir=data_dir, resume=None, log=log)
+    return RunResult(r.run, r.search_dir, r.best_checkpoint, r.val_accuracy, r.test_accuracy, r.model, r.report,
+                     r.production, r.seconds)
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def cmd_tune(args: argparse.Namespace) -> int:
+    from modelworks.config import apply_overrides, load_workflow
+
+    cfg = apply_overrides(load_workflow(args.workflow), ["search.enabled=true", *(args.set or [])])
+    if args.data_dir:
+        os.environ["MODELWORKS_DATA_DIR"] = args.data_dir
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
+    result = run_search(cfg, name=args.name, data_dir=args.data_dir, resume=args.resume, log=log)
+    if args.json:
+        print(json.dumps(asdict(result)), flush=True)
+    else:
+        print(f"best trial: {result.best_trial}  {json.dumps(result.best_params)}")
+        print(f"model:  {result.model or '(not registered)'}{'  [production]' if result.production else ''}")
+        print(f"test accuracy: {result.test_accuracy:.4f}  (val {result.val_accuracy:.4f}); "
+              f"{result.epochs_total} epochs over {len(result.trials)} trials in {result.seconds:.0f} s")
+        print(f"trials: {Path(result.search_dir) / 'trials.csv'}")
+        print(f"report: {result.report}")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("tune", help="hyperparameter search (Ray Tune, ASHA); registers the best trial")
+    p.add_argument("workflow", help="workflow file with a search= section, e.g. workflows/mnist.py")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. search.num_samples=4 (repeatable)")
+    p.add_argument("--name", help="search name (default: workflow name + config hash)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are kept")
+    p.add_argument("--data-dir", help="dataset folder (default: $MODELWORKS_DATA_DIR)")
+    p.add_argument("--json", action="store_true", help="last stdout line is a JSON summary")
+    p.set_defaults(func=cmd_tune)
