@@ -163,7 +163,7 @@ def _check_finite(arr: np.ndarray, field: str, expected: str, sub_shape: tuple[i
         idx = np.unravel_index(int(np.flatnonzero(bad.reshape(-1))[0]), arr.shape)
         where = "".join(f"[{i}]" for i in idx)
         value = arr[idx]
-        raise InputError(422, f"{field}{where}", f"value {value!r} is not finite or out of range", expected)
+        raise InputError(422, f"{field}{where}", f"value {float(value)!r} is not finite or out of range", expected)
 
 
 def _decode_png(text: str, field: str, spec: InputSpec) -> np.ndarray:

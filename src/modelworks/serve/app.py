@@ -1,0 +1,373 @@
+"""The Ray Serve application: one deployment (``ModelServer``) with a FastAPI ingress.
+
+* The model comes only from the registry (``Registry.load`` verifies checksums); requests never name a file.
+* ``user_config = {"model": "name@version|alias", "registry": root}``: a change reaches running replicas
+  through ``reconfigure`` (in place, in-flight batches finish on the model they started with). A replica
+  serving ``name@alias`` also re-resolves the alias every ``serve.alias_poll_s`` seconds, so
+  ``modelworks models promote`` moves the served model without a redeploy.
+* ``@serve.batch`` groups concurrent requests into one forward pass; autoscaling, ``max_queued_requests``
+  (503 when full) and the timeouts come from ``ServeConfig``.
+"""
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from modelworks.config import ServeConfig
+from modelworks.serve import schemas
+from modelworks.serve.schemas import InputError, InputSpec
+
+log = logging.getLogger("ray.serve")
+DEPLOYMENT = "ModelServer"
+
+
+@dataclass(frozen=True)
+class Served:
+    """One loaded registry version; swapped as a whole so a batch never sees half an update."""
+    ref: str
+    name: str
+    version: int
+    model: Any            # checkpoint.LoadedModel
+    spec: InputSpec
+    class_names: tuple[str, ...]
+    loaded_at: float
+
+
+def load_served(ref: str, registry: str | None, max_inputs: int) -> Served:
+    """Resolve and load from the registry (checksums verified by the one loader)."""
+    from modelworks.registry import Registry
+
+    reg = Registry(registry)
+    name, version = reg.resolve(ref)
+    loaded, version = reg.load(f"{name}@{version}")
+    source = (loaded.config.get("data") or {}).get("source")
+    spec = InputSpec(tuple(int(d) for d in loaded.preprocessor.input_shape), max_inputs,
+                     pixel_scale=16.0 / 255.0 if source == "digits" else 1.0)
+    return Served(ref, name, version, loaded, spec, tuple(map(str, loaded.class_names)), time.time())
+
+
+def _json(content: Any, status: int = 200) -> Response:
+    return Response(json.dumps(content, separators=(",", ":")), status_code=status, media_type="application/json")
+
+
+def _error(err: InputError) -> Response:
+    return _json(err.to_dict(), err.status)
+
+
+api = FastAPI(
+    title="modelworks",
+    description="A registered model served by Ray Serve. POST /predict, or the Open Inference Protocol (v2) "
+                "under /v2. Errors are JSON: {error, field, expected, status}.",
+    version="1",
+)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    field = "path" if exc.status_code == 404 else "method"
+    expected = ("one of /predict, /healthz, /readyz, /docs, /v2/health/live, /v2/health/ready, /v2/models/{name}, "
+                "/v2/models/{name}/ready, /v2/models/{name}/infer") if exc.status_code == 404 else "see /docs"
+    return _json({"error": f"{field}: {exc.detail}; expected {expected}", "field": field, "expected": expected,
+                  "status": exc.status_code}, exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    first = exc.errors()[0] if exc.errors() else {}
+    field = ".".join(str(p) for p in first.get("loc", ())) or "request"
+    return _json({"error": f"{field}: {first.get('msg', 'invalid')}", "field": field, "expected": "see /docs",
+                  "status": 422}, 422)
+
+
+def _openapi_body(model: type) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+@serve.deployment(name=DEPLOYMENT)
+@serve.ingress(api)
+class ModelServer:
+    def __init__(self, serve_config: dict):
+        import torch
+
+        torch.set_num_threads(1)  # replicas share small machines; batching, not intra-op threads, gives throughput
+        self.cfg = ServeConfig(**serve_config)
+        self.served: Served | None = None
+        self.last_error: str | None = None
+        self._registry: str | None = None
+        self._poller: asyncio.Task | None = None
+        self._swap_lock = asyncio.Lock()
+        self.infer_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self.infer_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+    # -- version management ---------------------------------------------------------------------------
+    async def reconfigure(self, user_config: dict) -> None:
+        ref = str(user_config["model"])
+        registry = user_config.get("registry")
+        async with self._swap_lock:
+            try:
+                new = await asyncio.to_thread(load_served, ref, registry, self.cfg.max_inputs)
+            except Exception as err:  # noqa: BLE001
+                self.last_error = f"{ref}: {err}"
+                if self.served is None:
+                    raise  # nothing to serve: fail the replica so Serve reports it
+                log.error("modelworks: keeping %s@%s; cannot load %s", self.served.name, self.served.version, err)
+                return
+            self.served, self._registry, self.last_error = new, registry, None
+        log.info("modelworks: serving %s@%s (from %s)", new.name, new.version, ref)
+        if self._poller is None and self.cfg.alias_poll_s > 0:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_alias())
+
+    async def _poll_alias(self) -> None:
+        from modelworks.registry import Registry
+
+        while True:
+            await asyncio.sleep(self.cfg.alias_poll_s)
+            cur = self.served
+            if cur is None or cur.ref.partition("@")[2].isdigit():
+                continue
+            try:
+                _, version = await asyncio.to_thread(Registry(self._registry).resolve, cur.ref)
+                if version != cur.version:
+                    await self.reconfigure({"model": cur.ref, "registry": self._registry})
+            except Exception as err:  # noqa: BLE001 - a registry hiccup must not stop serving
+                log.warning("modelworks: alias poll for %s failed: %s", cur.ref, err)
+
+    def check_health(self) -> None:
+        if self.served is None:
+            raise RuntimeError(f"no model loaded ({self.last_error})")
+
+    def replica_info(self) -> dict:
+        """For operators and tests through a DeploymentHandle (not exposed over HTTP)."""
+        s = self.served
+        return {"pid": os.getpid(), "model": s.name if s else None, "version": s.version if s else None}
+
+    # -- batching --------------------------------------------------------------------------------------
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def infer_batch(self, items: list[np.ndarray]) -> list[tuple[Served, np.ndarray]]:
+        served = self.served  # one model for the whole batch, even if a swap lands meanwhile
+        sizes = [len(x) for x in items]
+        x = items[0] if len(items) == 1 else np.concatenate(items)
+        probs = served.model.predict_proba(x).numpy()
+        out, start = [], 0
+        for n in sizes:
+            out.append((served, probs[start:start + n]))
+            start += n
+        return out
+
+    async def _infer(self, x: np.ndarray) -> tuple[Served, np.ndarray]:
+        try:
+            served, probs = await asyncio.wait_for(self.infer_batch(x), timeout=self.cfg.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise InputError(503, "request", f"timed out after {self.cfg.request_timeout_s}s (server busy)",
+                             "a retry later") from None
+        ok = schemas.finite_rows(probs)
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise InputError(422, f"inputs[{i}]", "values overflow the model (non-finite output)",
+                             "inputs in the range the model was trained on")
+        return served, probs
+
+    async def _body(self, request: Request) -> Any:
+        schemas.check_content_type(request.headers.get("content-type"))
+        limit = self.cfg.max_body_bytes
+        expected = f"a JSON body of at most {limit} bytes"
+        length = request.headers.get("content-length")
+        if length is not None:
+            try:
+                if int(length) > limit:
+                    raise InputError(413, "body", f"is {int(length)} bytes", expected)
+            except ValueError:
+                raise InputError(400, "Content-Length", f"is {length!r}", "an integer") from None
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise InputError(413, "body", f"exceeds {limit} bytes", expected)
+        if not buf:
+            raise InputError(400, "body", "is empty", "a JSON object (see /docs)")
+        try:
+            return json.loads(buf)
+        except (ValueError, RecursionError) as err:
+            raise InputError(400, "body", f"is not valid JSON ({type(err).__name__})", "a JSON object (see /docs)") \
+                from None
+
+    def _ready(self) -> Served:
+        if self.served is None:
+            raise InputError(503, "model", "is not loaded yet", "a retry in a few seconds")
+        return self.served
+
+    # -- endpoints ---------------------------------------------------------------------------------------
+    @api.post("/predict", openapi_extra=_openapi_body(schemas.PredictRequest),
+              responses={200: {"model": schemas.PredictResponse}, 422: {"model": schemas.ErrorResponse}})
+    async def predict(self, request: Request) -> Response:
+        try:
+            served = self._ready()
+            x = schemas.parse_predict(await self._body(request), served.spec)
+            served, probs = await self._infer(x)
+        except InputError as err:
+            return _error(err)
+        names = served.class_names
+        idx = probs.argmax(axis=1)
+        preds = [{"label": names[int(k)], "label_index": int(k),
+                  "probabilities": dict(zip(names, map(float, row))), "model_version": served.version}
+                 for k, row in zip(idx, probs)]
+        return _json({"model": served.name, "model_version": served.version, "predictions": preds})
+
+    @api.get("/healthz")
+    async def healthz(self) -> Response:
+        return _json({"status": "ok"})
+
+    @api.get("/readyz")
+    async def readyz(self) -> Response:
+        s = self.served
+        if s is None:
+            return _json({"ready": False, "error": self.last_error}, 503)
+        return _json({"ready": True, "model": s.name, "model_version": s.version, "ref": s.ref,
+                      "last_error": self.last_error})
+
+    # Open Inference Protocol v2 (KServe / Triton REST) ---------------------------------------------------
+    @api.get("/v2")
+    async def v2_server(self) -> Response:
+        return _json({"name": "modelworks", "version": "1", "extensions": []})
+
+    @api.get("/v2/health/live")
+    async def v2_live(self) -> Response:
+        return _json({"live": True})
+
+    @api.get("/v2/health/ready")
+    async def v2_ready(self) -> Response:
+        ready = self.served is not None
+        return _json({"ready": ready}, 200 if ready else 503)
+
+    def _model(self, name: str, version: str | None = None) -> Served:
+        s = self._ready()
+        if name != s.name:
+            raise InputError(404, "model_name", f"model {name!r} is not served here", f"{s.name!r}")
+        if version is not None and version != str(s.version):
+            raise InputError(404, "model_version", f"version {version!r} is not served here", f"{s.version!r}")
+        return s
+
+    def _metadata(self, s: Served) -> dict:
+        return {"name": s.name, "versions": [str(s.version)], "platform": "pytorch_safetensors",
+                "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *s.spec.input_shape]}],
+                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(s.class_names)]},
+                            {"name": "label", "datatype": "BYTES", "shape": [-1]}],
+                "parameters": {"class_names": list(s.class_names)}}
+
+    @api.get("/v2/models/{name}")
+    async def v2_metadata(self, name: str) -> Response:
+        try:
+            return _json(self._metadata(self._model(name)))
+        except InputError as err:
+            return _error(err)
+
+    @api.get("/v2/models/{name}/versions/{version}")
+    async def v2_version_metadata(self, name: str, version: str) -> Response:
+        try:
+            return _json(self._metadata(self._model(name, version)))
+        except InputError as err:
+            return _error(err)
+
+    @api.get("/v2/models/{name}/ready")
+    async def v2_model_ready(self, name: str) -> Response:
+        try:
+            s = self._model(name)
+        except InputError as err:
+            return _error(err)
+        return _json({"name": s.name, "ready": True})
+
+    async def _v2_infer(self, request: Request, name: str, version: str | None) -> Response:
+        try:
+            s = self._model(name, version)
+            x, req_id, outputs = schemas.parse_v2_infer(await self._body(request), s.spec)
+            s, probs = await self._infer(x)
+        except InputError as err:
+            return _error(err)
+        out = []
+        if "probabilities" in outputs:
+            out.append({"name": "probabilities", "datatype": "FP32", "shape": list(probs.shape),
+                        "data": [float(v) for v in probs.reshape(-1)]})
+        if "label" in outputs:
+            out.append({"name": "label", "datatype": "BYTES", "shape": [len(probs)],
+                        "data": [s.class_names[int(k)] for k in probs.argmax(axis=1)]})
+        resp = {"model_name": s.name, "model_version": str(s.version), "outputs": out}
+        if req_id is not None:
+            resp["id"] = req_id
+        return _json(resp)
+
+    @api.post("/v2/models/{name}/infer", openapi_extra=_openapi_body(schemas.V2InferRequest),
+              responses={200: {"model": schemas.V2InferResponse}, 422: {"model": schemas.ErrorResponse}})
+    async def v2_infer(self, name: str, request: Request) -> Response:
+        return await self._v2_infer(request, name, None)
+
+    @api.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=_openapi_body(schemas.V2InferRequest))
+    async def v2_version_infer(self, name: str, version: str, request: Request) -> Response:
+        return await self._v2_infer(request, name, version)
+
+
+# -- building the application ------------------------------------------------------------------------------
+def code_version() -> str:
+    """Same code -> same version, so a change of user_config alone is an in-place reconfigure."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.read_bytes())
+    return "mw-" + h.hexdigest()[:12]
+
+
+def deployment_options(cfg: ServeConfig, model: str, registry: str) -> dict:
+    max_ongoing = max(cfg.max_batch_size, int(np.ceil(cfg.target_ongoing_requests * 2)))
+    return {
+        # A full batch must fit in one replica's concurrency, and autoscaling targets must be reachable.
+        "max_ongoing_requests": max_ongoing,
+        "max_queued_requests": cfg.max_queued_requests,
+        "autoscaling_config": {
+            "min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+            "initial_replicas": max(cfg.min_replicas, 1),
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
+        },
+        "user_config": {"model": model, "registry": registry},
+        "ray_actor_options": {"num_cpus": cfg.replica_cpus},
+        "graceful_shutdown_timeout_s": max(5.0, cfg.request_timeout_s),
+        "health_check_period_s": 2.0,
+        "health_check_timeout_s": 10.0,
+    }
+
+
+def build(model: str, registry: str | None = None, serve_config: ServeConfig | dict | None = None):
+    """The Serve application for ``model`` (``name``, ``name@3``, ``name@production``)."""
+    from modelworks.registry import default_root
+
+    cfg = serve_config if isinstance(serve_config, ServeConfig) else ServeConfig(**(serve_config or {}))
+    registry = registry or default_root()
+    if "://" not in registry:
+        registry = str(Path(registry).resolve())
+    deployment = ModelServer.options(**deployment_options(cfg, model, registry))
+    # Serve gives imperatively deployed code a random version on every serve.run, which turns a model swap
+    # into a rolling restart. Pinning the code version (what config-file deploys get from the import path)
+    # makes a user_config-only change an in-place `reconfigure`. Private attribute: if a Ray upgrade drops
+    # it, rollouts still work, as rolling restarts.
+    if hasattr(deployment, "_version"):
+        deployment._version = code_version()
+    return deployment.bind(cfg.model_dump(mode="json"))
+
+
+def build_app(args: dict):
+    """Entry point for Serve config files (``import_path: modelworks.serve.app:build_app``)."""
+    args = dict(args or {})
+    if "model" not in args:
+        raise ValueError("args.model is required (NAME, NAME@VERSION or NAME@ALIAS)")
+    return build(str(args["model"]), args.get("registry"), args.get("serve") or {})

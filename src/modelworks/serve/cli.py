@@ -1,0 +1,120 @@
+"""`modelworks serve ...` subcommands (added to the main CLI by modelworks.cli).
+
+    modelworks serve MODEL[@VERSION|@ALIAS] [--host 127.0.0.1] [--port 8000] [--replicas MIN:MAX]
+    modelworks serve MODEL@VERSION --rollout          move a running app to another version in place
+    modelworks serve build MODEL -o serve_config.yaml  a config for `serve deploy` / a RayService
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+
+from modelworks.errors import UserError
+
+
+def parse_replicas(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    try:
+        lo_i, hi_i = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise UserError(f"--replicas expects MIN:MAX or N (e.g. 1:4), got '{text}'") from None
+    if lo_i < 0 or hi_i < 1 or hi_i < lo_i:
+        raise UserError(f"--replicas {text}: need 0 <= MIN <= MAX and MAX >= 1")
+    return lo_i, hi_i
+
+
+def serve_config_from_args(args: argparse.Namespace):
+    from modelworks.config import ServeConfig, apply_overrides, load_workflow
+
+    sets = [s if s.startswith("serve.") else f"serve.{s}" for s in (args.set or [])]
+    if args.replicas:
+        lo, hi = parse_replicas(args.replicas)
+        sets += [f"serve.min_replicas={lo}", f"serve.max_replicas={hi}"]
+    if args.workflow:
+        return apply_overrides(load_workflow(args.workflow), sets).serve
+    if not sets:
+        return ServeConfig()
+    # Reuse the workflow validation (one line per problem) with a throwaway workflow around the section.
+    from modelworks.config import WorkflowConfig
+
+    return apply_overrides(WorkflowConfig(name="serve"), sets).serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.model == "build":
+        return cmd_build(args)
+    if args.target:
+        raise UserError(f"unexpected argument '{args.target}' (did you mean `modelworks serve build MODEL`?)")
+    from modelworks.serve import runner
+
+    if args.rollout:
+        info = runner.rollout(args.model, app_name=args.app, registry=args.registry)
+        print(f"rolled out {info['model']} (version {info['version']}) to application '{info['app']}'")
+        return 0
+    cfg = serve_config_from_args(args)
+    info = runner.start(args.model, registry=args.registry, serve_config=cfg, host=args.host, port=args.port,
+                        app_name=args.app)
+    print(f"serving {info['model']} (version {info['version']}) at {info['url']}  "
+          f"[docs: {info['url']}/docs, replicas {cfg.min_replicas}..{cfg.max_replicas}]", flush=True)
+    if args.detach:
+        return 0
+    stop = {"now": False}
+
+    def _stop(*_):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop["now"]:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    from ray import serve
+
+    serve.delete(info["app"])
+    print("stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from modelworks.registry import default_root
+    from modelworks.serve.config_builder import build_config, write_config
+
+    if not args.target:
+        raise UserError("usage: modelworks serve build MODEL -o serve_config.yaml")
+    if not args.output:
+        raise UserError("serve build needs -o FILE (e.g. -o serve_config.yaml)")
+    registry = args.registry or default_root()
+    if "://" not in registry:
+        registry = str(Path(registry).resolve())
+    cfg = serve_config_from_args(args)
+    config = build_config(args.target, registry=registry, serve_config=cfg, host=args.host, port=args.port,
+                          app_name=args.app)
+    path = write_config(config, args.output)
+    print(json.dumps({"written": str(path), "model": args.target, "host": args.host, "port": args.port}))
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a registered model with Ray Serve (or: serve build MODEL -o FILE)",
+        description="Serve MODEL (NAME, NAME@VERSION or NAME@ALIAS) over HTTP with Ray Serve. "
+                    "`modelworks serve build MODEL -o serve_config.yaml` writes a config for `serve deploy`.")
+    p.add_argument("model", help="NAME[@VERSION|@ALIAS], or 'build'")
+    p.add_argument("target", nargs="?", help="with 'build': the model to write a config for")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", metavar="MIN:MAX", help="autoscaling bounds (serve.min/max_replicas)")
+    p.add_argument("--workflow", help="take the serve settings from this workflow file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a serve setting, e.g. max_batch_size=32")
+    p.add_argument("--registry", help="registry root (default: $MODELWORKS_REGISTRY or $MODELWORKS_HOME/registry)")
+    p.add_argument("--app", help="Serve application name (default: the model name)")
+    p.add_argument("--rollout", action="store_true", help="move the running application to MODEL in place")
+    p.add_argument("--detach", action="store_true", help="return after deploying (with RAY_ADDRESS set)")
+    p.add_argument("-o", "--output", help="with 'build': where to write the config")
+    p.set_defaults(func=cmd_serve)
