@@ -199,7 +199,7 @@ class ModelServer:
         if not buf:
             raise InputError(400, "body", "is empty", "a JSON object (see /docs)")
         try:
-            return json.loads(buf)
+            return json.loads(buf), bytes(buf)
         except (ValueError, RecursionError) as err:
             raise InputError(400, "body", f"is not valid JSON ({type(err).__name__})", "a JSON object (see /docs)") \
                 from None
@@ -215,7 +215,8 @@ class ModelServer:
     async def predict(self, request: Request) -> Response:
         try:
             served = self._ready()
-            x = schemas.parse_predict(await self._body(request), served.spec)
+            body, raw = await self._body(request)
+            x = schemas.parse_predict(body, served.spec, raw)
             served, probs = await self._infer(x)
         except InputError as err:
             return _error(err)
@@ -292,7 +293,8 @@ class ModelServer:
     async def _v2_infer(self, request: Request, name: str, version: str | None) -> Response:
         try:
             s = self._model(name, version)
-            x, req_id, outputs = schemas.parse_v2_infer(await self._body(request), s.spec)
+            body, raw = await self._body(request)
+            x, req_id, outputs = schemas.parse_v2_infer(body, s.spec, raw)
             s, probs = await self._infer(x)
         except InputError as err:
             return _error(err)
@@ -347,15 +349,17 @@ def deployment_options(cfg: ServeConfig, model: str, registry: str) -> dict:
     }
 
 
-def build(model: str, registry: str | None = None, serve_config: ServeConfig | dict | None = None):
-    """The Serve application for ``model`` (``name``, ``name@3``, ``name@production``)."""
+def build(model: str, registry: str | None = None, serve_config: ServeConfig | dict | None = None,
+          **overrides: Any):
+    """The Serve application for ``model`` (``name``, ``name@3``, ``name@production``); ``overrides`` are
+    extra ``Deployment.options`` (tests use them to force tiny queues)."""
     from modelworks.registry import default_root
 
     cfg = serve_config if isinstance(serve_config, ServeConfig) else ServeConfig(**(serve_config or {}))
     registry = registry or default_root()
     if "://" not in registry:
         registry = str(Path(registry).resolve())
-    deployment = ModelServer.options(**deployment_options(cfg, model, registry))
+    deployment = ModelServer.options(**{**deployment_options(cfg, model, registry), **overrides})
     # Serve gives imperatively deployed code a random version on every serve.run, which turns a model swap
     # into a rolling restart. Pinning the code version (what config-file deploys get from the import path)
     # makes a user_config-only change an in-place `reconfigure`. Private attribute: if a Ray upgrade drops

@@ -92,6 +92,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     registry = args.registry or default_root()
     if "://" not in registry:
         registry = str(Path(registry).resolve())
+    from modelworks.registry import Registry
+
+    Registry(registry).resolve(args.target)  # a typo fails here, not on the cluster
     cfg = serve_config_from_args(args)
     config = build_config(args.target, registry=registry, serve_config=cfg, host=args.host, port=args.port,
                           app_name=args.app)

@@ -140,11 +140,13 @@ def _has_bool(value: Any) -> bool:
     return False
 
 
-def _numeric_array(value: Any, field: str, expected: str) -> np.ndarray:
+def _numeric_array(value: Any, field: str, expected: str, check_bool: bool = True) -> np.ndarray:
     """Any JSON value -> a numeric ndarray, or InputError naming the field. Refuses bools, strings, nulls,
     objects and ragged lists."""
     if not isinstance(value, list):
         raise InputError(422, field, f"got {type(value).__name__ if value is not None else 'null'}", expected)
+    if check_bool and _has_bool(value):  # numpy would silently turn true/false into 1/0
+        raise InputError(422, field, "contains a non-number (bool)", expected)
     try:
         arr = np.array(value)
     except (ValueError, TypeError, OverflowError, RecursionError):
@@ -207,8 +209,13 @@ def _one_input(value: Any, field: str, spec: InputSpec) -> np.ndarray:
     return arr.astype(np.float32).reshape(-1)
 
 
-def parse_predict(body: Any, spec: InputSpec) -> np.ndarray:
-    """A /predict JSON body -> float32 (N, D). Raises InputError."""
+def _may_have_bool(raw: bytes | None) -> bool:
+    """JSON text without the tokens true/false holds no bools: skips a per-number scan on the hot path."""
+    return raw is None or b"true" in raw or b"false" in raw
+
+
+def parse_predict(body: Any, spec: InputSpec, raw: bytes | None = None) -> np.ndarray:
+    """A /predict JSON body (``raw``: its text, if at hand) -> float32 (N, D). Raises InputError."""
     expected_body = '{"input": X} or {"inputs": [X, ...]}'
     if not isinstance(body, dict):
         raise InputError(422, "body", f"is a JSON {type(body).__name__}, not an object", expected_body)
@@ -228,7 +235,7 @@ def parse_predict(body: Any, spec: InputSpec) -> np.ndarray:
     if len(items) > spec.max_inputs:
         raise InputError(422, "inputs", f"has {len(items)} inputs (limit {spec.max_inputs})", expected)
     # Fast path: a rectangular all-number batch is checked in one vectorised pass.
-    if not any(isinstance(v, str) for v in items) and not _has_bool(items):
+    if not any(isinstance(v, str) for v in items) and not (_may_have_bool(raw) and _has_bool(items)):
         try:
             arr = np.array(items)
         except (ValueError, TypeError, OverflowError, RecursionError):
@@ -239,7 +246,7 @@ def parse_predict(body: Any, spec: InputSpec) -> np.ndarray:
     return np.stack([_one_input(v, f"inputs[{i}]", spec) for i, v in enumerate(items)])
 
 
-def parse_v2_infer(body: Any, spec: InputSpec) -> tuple[np.ndarray, str | None, list[str]]:
+def parse_v2_infer(body: Any, spec: InputSpec, raw: bytes | None = None) -> tuple[np.ndarray, str | None, list[str]]:
     """An Open Inference Protocol infer body -> (float32 (N, D), request id, output names)."""
     dims = list(spec.input_shape)
     expected_body = ('{"inputs": [{"name": "input", "shape": [N, ' + ", ".join(map(str, dims)) + '], '
@@ -282,9 +289,7 @@ def parse_v2_infer(body: Any, spec: InputSpec) -> tuple[np.ndarray, str | None, 
         raise InputError(422, "inputs[0].shape", f"has batch size {n} (limit {spec.max_inputs})", shape_expected)
     data_expected = f"{n * spec.dim} {dtype} numbers, flat or nested, row-major"
     data = t.get("data")
-    if isinstance(data, list) and _has_bool(data):
-        raise InputError(422, "inputs[0].data", "contains a bool", data_expected)
-    arr = _numeric_array(data, "inputs[0].data", data_expected)
+    arr = _numeric_array(data, "inputs[0].data", data_expected, check_bool=_may_have_bool(raw))
     if arr.size != n * spec.dim:
         raise InputError(422, "inputs[0].data", f"has {arr.size} elements, shape {shape} needs {n * spec.dim}",
                          data_expected)

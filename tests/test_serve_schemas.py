@@ -1,0 +1,166 @@
+"""Serve input validation and config building, without Ray or HTTP (fast)."""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from modelworks.cli import main
+from modelworks.config import ServeConfig
+from modelworks.errors import UserError
+from modelworks.serve import schemas
+from modelworks.serve.cli import parse_replicas
+from modelworks.serve.schemas import InputError, InputSpec
+
+SPEC = InputSpec((8, 8), max_inputs=4, pixel_scale=16 / 255)
+
+
+def png_b64(w: int, h: int, value: int = 255) -> str:
+    buf = io.BytesIO()
+    Image.new("L", (w, h), color=value).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def err(fn, *args) -> InputError:
+    with pytest.raises(InputError) as info:
+        fn(*args)
+    return info.value
+
+
+def test_predict_accepts_flat_nested_png_and_batches():
+    flat = list(range(64))
+    nested = np.arange(64).reshape(8, 8).tolist()
+    assert schemas.parse_predict({"input": flat}, SPEC).shape == (1, 64)
+    assert np.array_equal(schemas.parse_predict({"input": nested}, SPEC)[0], np.arange(64, dtype=np.float32))
+    x = schemas.parse_predict({"inputs": [flat, nested, png_b64(8, 8)]}, SPEC)
+    assert x.shape == (3, 64) and x.dtype == np.float32
+    assert np.allclose(x[2], 16.0)  # white PNG pixels scaled to the digits range 0..16
+    assert schemas.parse_predict({"input": "data:image/png;base64," + png_b64(8, 8, 0)}, SPEC).max() == 0
+
+
+@pytest.mark.parametrize("body, field, fragment", [
+    ({"input": list(range(63))}, "input", "shape [63]"),
+    ({"input": [[1] * 8] * 7}, "input", "shape [7, 8]"),
+    ({"input": [1] * 63 + ["x"]}, "input", "non-number"),
+    ({"input": [1] * 63 + [None]}, "input", "non-number"),
+    ({"inputs": [[1] * 63 + [True]]}, "inputs[0]", "non-number"),
+    ({"input": [1] * 63 + [float("nan")]}, "input[63]", "not finite"),
+    ({"inputs": [[0] * 64, [1] * 63 + [float("inf")]]}, "inputs[1][63]", "not finite"),
+    ({"input": [1] * 63 + [1e300]}, "input[63]", "out of range"),
+    ({"inputs": []}, "inputs", "empty batch"),
+    ({"inputs": [[0] * 64] * 5}, "inputs", "limit 4"),
+    ({"inputs": [[0] * 64, [0] * 10]}, "inputs[1]", "shape [10]"),
+    ({"inputs": {"a": 1}}, "inputs", "not a list"),
+    ({}, "body", "exactly one"),
+    ({"input": [0] * 64, "inputs": [[0] * 64]}, "body", "exactly one"),
+    ({"input": [0] * 64, "path": "/etc/passwd"}, "path", "not a known field"),
+    ([1, 2], "body", "not an object"),
+    ({"input": "not base64!!"}, "input", "not valid base64"),
+    ({"input": base64.b64encode(b"GIF89a....").decode()}, "input", "not a PNG"),
+    ({"input": png_b64(28, 28)}, "input", "28x28 pixels"),
+    ({"input": 5}, "input", "got int"),
+])
+def test_predict_rejects_with_field_and_expected_form(body, field, fragment):
+    e = err(schemas.parse_predict, body, SPEC)
+    assert e.status == 422
+    assert e.field == field and fragment in e.message, e.to_dict()
+    d = e.to_dict()
+    assert d["expected"] and d["field"] == field and field in d["error"]
+
+
+def test_png_header_size_checked_before_decoding():
+    # A huge (but tiny-to-send) PNG is refused from its header, not decoded.
+    e = err(schemas.parse_predict, {"input": png_b64(4000, 4000, 0)}, SPEC)
+    assert "4000x4000" in e.message
+    e = err(schemas.parse_predict, {"input": "A" * (schemas.MAX_PNG_CHARS + 4)}, SPEC)
+    assert e.status == 413
+
+
+def v2(shape, data, datatype="FP32", name="input", **extra):
+    return {"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}], **extra}
+
+
+def test_v2_parses_typed_tensors():
+    x, rid, outs = schemas.parse_v2_infer(v2([2, 8, 8], list(range(128)), id="r1"), SPEC)
+    assert x.shape == (2, 64) and rid == "r1" and outs == ["probabilities", "label"]
+    x, _, outs = schemas.parse_v2_infer(v2([1, 64], [list(range(64))], "UINT8", outputs=[{"name": "label"}]), SPEC)
+    assert x.shape == (1, 64) and outs == ["label"]
+
+
+@pytest.mark.parametrize("body, field", [
+    (v2([1, 8, 8], [0] * 64, "BYTES"), "inputs[0].datatype"),
+    (v2([1, 8, 8], [0] * 64, "BOOL"), "inputs[0].datatype"),
+    (v2([1, 8, 7], [0] * 56), "inputs[0].shape"),
+    (v2([0, 8, 8], []), "inputs[0].shape"),
+    (v2([5, 64], [0] * 320), "inputs[0].shape"),
+    (v2([1, 8, 8], [0] * 63), "inputs[0].data"),
+    (v2([1, 8, 8], [0.5] * 64, "INT32"), "inputs[0].data"),
+    (v2([1, 8, 8], [300] * 64, "UINT8"), "inputs[0].data"),
+    (v2([1, 8, 8], [0] * 63 + ["1"]), "inputs[0].data"),
+    (v2([1, 8, 8], [0] * 63 + [True]), "inputs[0].data"),
+    (v2([1, 8, 8], [0] * 63 + [float("nan")]), "inputs[0].data[63]"),
+    (v2([1, 8, 8], [0] * 64, name="x"), "inputs[0].name"),
+    (v2(["1", 8, 8], [0] * 64), "inputs[0].shape"),
+    (v2([1, 8, 8], [0] * 64, outputs=[{"name": "logits"}]), "outputs[0].name"),
+    ({"inputs": []}, "inputs"),
+    ({"inputs": [{"name": "input"}], "extra": 1}, "extra"),
+])
+def test_v2_rejects(body, field):
+    e = err(schemas.parse_v2_infer, body, SPEC)
+    assert e.status == 422 and e.field == field, e.to_dict()
+
+
+def test_content_type():
+    schemas.check_content_type("application/json; charset=utf-8")
+    for bad in (None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+        assert err(schemas.check_content_type, bad).status == 415
+
+
+def test_replicas_and_serve_build(tmp_path, modelworks_home, capsys):
+    assert parse_replicas("1:4") == (1, 4) and parse_replicas("2") == (2, 2)
+    for bad in ("4:1", "x", "0:0", "-1:2"):
+        with pytest.raises(UserError):
+            parse_replicas(bad)
+    from modelworks.registry import Registry
+    from modelworks.serve.testing import register_digits
+
+    register_digits(Registry(), steps=5)
+    out = tmp_path / "serve_config.yaml"
+    assert main(["serve", "build", "digits@1", "-o", str(out), "--replicas", "1:3",
+                 "--set", "max_batch_size=32"]) == 0
+    cfg = yaml.safe_load(out.read_text())
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(cfg)  # what `serve deploy` validates
+    assert cfg["http_options"]["host"] == "127.0.0.1"
+    app = cfg["applications"][0]
+    assert app["import_path"] == "modelworks.serve.app:build_app" and app["args"]["model"] == "digits@1"
+    dep = app["deployments"][0]
+    assert dep["autoscaling_config"]["min_replicas"] == 1 and dep["autoscaling_config"]["max_replicas"] == 3
+    assert dep["max_ongoing_requests"] >= 32 and app["args"]["serve"]["max_batch_size"] == 32
+    assert dep["user_config"]["model"] == "digits@1"
+    # An unknown model or a bad setting is one line and exit 2, before anything is written.
+    capsys.readouterr()
+    assert main(["serve", "build", "nosuch", "-o", str(tmp_path / "x.yaml")]) == 2
+    assert main(["serve", "build", "digits", "-o", str(tmp_path / "x.yaml"), "--set", "max_batch_size=0"]) == 2
+    assert "max_batch_size" in capsys.readouterr().err
+    with pytest.raises(Exception):
+        ServeConfig(min_replicas=3, max_replicas=2)
+
+
+def test_corrupt_checkpoint_refused_before_serving(modelworks_home, capsys):
+    from modelworks.registry import Registry
+    from modelworks.serve.testing import register_digits
+
+    reg = Registry()
+    register_digits(reg, steps=5)
+    weights = reg.checkpoint_dir("digits", 1) / "model.safetensors"
+    weights.chmod(0o644)
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    assert main(["serve", "digits@1", "--port", "1"]) == 2
+    msg = capsys.readouterr().err.strip()
+    assert msg.count("\n") == 0 and "sha256" in msg and "refusing" in msg
