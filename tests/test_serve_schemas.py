@@ -164,3 +164,21 @@ def test_corrupt_checkpoint_refused_before_serving(modelworks_home, capsys):
     assert main(["serve", "digits@1", "--port", "1"]) == 2
     msg = capsys.readouterr().err.strip()
     assert msg.count("\n") == 0 and "sha256" in msg and "refusing" in msg
+
+
+def test_cluster_rayservice_uses_the_built_config():
+    from pathlib import Path
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from modelworks.serve.config_builder import build_config
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster" / "rayservice-serve.yaml").read_text())
+    assert doc["kind"] == "RayService"
+    served = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(served)
+    built = build_config("digits@production", registry="s3://my-bucket/modelworks/registry",
+                         serve_config=ServeConfig(max_replicas=4), host="0.0.0.0")
+    assert served["applications"][0]["import_path"] == built["applications"][0]["import_path"]
+    assert set(served["applications"][0]["deployments"][0]) == set(built["applications"][0]["deployments"][0])
+    assert served["applications"][0]["args"]["serve"] == built["applications"][0]["args"]["serve"]
