@@ -5,6 +5,7 @@ One typed function, ``run_workflow``, that the CLI and the tests both call.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -44,9 +45,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # Train V2's controller picks up each epoch's report on its poll; the 2 s default adds ~2 s per epoch.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(logging_level=logging.WARNING)
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("MODELWORKS_PROGRESS", "1") == "1"
 
 

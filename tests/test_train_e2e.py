@@ -1,0 +1,140 @@
+"""Whole workflows on a real local Ray: digits end to end, 2-worker DDP, resume after SIGKILL, CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelworks import checkpoint
+from modelworks.config import apply_overrides, load_workflow
+from modelworks.data import sources
+from modelworks.evaluate import predict_split
+from modelworks.registry import Registry
+from modelworks.workflow import run_workflow
+from tests.test_idx import make_split
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray
+
+
+def digits(*overrides):
+    return apply_overrides(load_workflow(REPO / "workflows/digits.py"), list(overrides))
+
+
+def test_digits_end_to_end_registers_an_evaluated_model(ray_local, modelworks_home):
+    cfg = digits("train.epochs=6")
+    result = run_workflow(cfg, log=lambda m: None)
+    run_dir = Path(result.run_dir)
+    assert [e for e, _ in __import__("modelworks.train", fromlist=["x"]).list_checkpoints(run_dir)] == list(range(1, 7))
+    assert result.test_accuracy >= 0.9
+    assert result.model == "digits@1" and result.production
+    for name in ("report.md", "confusion_matrix.png", "loss_curve.png", "accuracy_curve.png", "test_metrics.json"):
+        assert (run_dir / "evaluation" / name).stat().st_size > 0
+    # The best checkpoint is picked by validation accuracy, never test.
+    metrics = [json.loads((p / "metrics.json").read_text()) for p in run_dir.glob("checkpoint_epoch=*")]
+    assert json.loads((Path(result.checkpoint) / "metrics.json").read_text())["val_accuracy"] == max(
+        m["val_accuracy"] for m in metrics)
+    # The registered model loads through the one loader and reproduces the reported test accuracy.
+    loaded, version = Registry().load("digits@production")
+    y, probs = predict_split(loaded, sources.digits_source(cfg.data).splits["test"])
+    assert version == 1 and float((probs.argmax(1) == y).mean()) == pytest.approx(result.test_accuracy)
+    assert json.loads((run_dir / "workflow_config.json").read_text()) == cfg.model_dump(mode="json")
+    # Rerunning a finished run trains nothing more and mints no duplicate version.
+    again = run_workflow(cfg, log=lambda m: None)
+    assert again.model == "digits@1" and Registry().versions("digits") == [1]
+
+
+def test_production_alias_moves_only_past_the_gate(ray_local, modelworks_home):
+    first = run_workflow(digits("train.epochs=3", "registry.min_accuracy=0.5"), log=lambda m: None)
+    assert first.production
+    # A second model that must beat production by 50 points cannot take the alias.
+    second = run_workflow(digits("train.epochs=2", "registry.gate_margin=0.5"), log=lambda m: None)
+    assert second.model == "digits@2" and not second.production
+    assert Registry().aliases("digits") == {"latest": 2, "production": 1}
+
+
+def test_two_worker_ddp_on_two_cpus(ray_local, modelworks_home):
+    cfg = digits("train.epochs=3", "train.workers=2")
+    result = run_workflow(cfg, log=lambda m: None)
+    m = json.loads((Path(result.run_dir) / "checkpoint_epoch=3" / "metrics.json").read_text())
+    # Both ranks' samples are counted: about the whole training split, not half of it.
+    n_train = sum(len(b["label"]) for b in sources.digits_source(cfg.data).splits["train"].iter_batches())
+    assert n_train - 64 <= m["train_samples"] <= n_train
+    assert m["val_accuracy"] > 0.85 and result.test_accuracy > 0.85
+
+
+def cli(*args, env=None, merge=True):
+    return subprocess.Popen([sys.executable, "-m", "modelworks.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_sigkill_after_epoch_2_then_rerun_resumes(modelworks_home):
+    args = ["run", str(REPO / "workflows/digits.py"), "--set", "train.epochs=6", "--set", "train.batch_size=4",
+            "--json"]
+    env = {"MODELWORKS_PROGRESS": "0"}
+    proc = cli(*args, env=env)
+    runs = modelworks_home / "runs"
+    deadline = time.time() + 300
+    while not list(runs.glob("*/checkpoint_epoch=2/sha256sums")):
+        assert proc.poll() is None and time.time() < deadline, "run ended or stalled before epoch 2"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)
+    try:  # the Ray processes this driver started go too, as when its machine dies
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    run_dir = next(runs.iterdir())
+    done = {p.name: checkpoint.sha256(p / "model.safetensors") for p in run_dir.glob("checkpoint_epoch=*")
+            if (p / "sha256sums").is_file()}
+    assert "checkpoint_epoch=6" not in done
+
+    rerun = cli(*args, env=env, merge=False)
+    stdout, stderr = rerun.communicate(timeout=600)
+    out = stderr + stdout
+    assert rerun.returncode == 0, out[-3000:]
+    assert f"resuming run {run_dir.name} from checkpoint_epoch=" in out
+    resumed_from = int(out.split("from checkpoint_epoch=")[1].split()[0])
+    assert resumed_from >= 2
+    # Finished epochs were not redone: their checkpoints are untouched, and the new run printed none of them.
+    for name, digest in done.items():
+        assert checkpoint.sha256(run_dir / name / "model.safetensors") == digest
+    assert "epoch 1/6" not in out and "epoch 6/6" in out
+    summary = json.loads(stdout.strip().splitlines()[-1])  # --json: the last stdout line
+    assert summary["test_accuracy"] >= 0.9 and summary["run"] == run_dir.name
+    history = json.loads((run_dir / "checkpoint_epoch=6" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_cli_corrupt_data_is_one_clear_line(tmp_path, modelworks_home):
+    make_split(tmp_path / "mnist", n_images=50, n_labels=50)
+    make_split(tmp_path / "mnist", n_images=20, n_labels=20, split="test")
+    bad = tmp_path / "mnist" / "raw" / "t10k-images-idx3-ubyte.gz"
+    bad.write_bytes(bad.read_bytes()[:300])
+    proc = cli("run", str(REPO / "workflows/mnist.py"), "--data-dir", str(tmp_path), "--set", "data.download=false")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "t10k-images-idx3-ubyte.gz" in last and "delete" in last
+
+
+@pytest.mark.slow
+def test_mnist_seed_recipe_reaches_98_percent_with_two_workers(ray_local, mnist_dir, modelworks_home):
+    """The issue's bar: 784-256-128-10, Adam 1e-3, batch 64, 10 epochs, 2 workers -> >= 98.0 % on 10k test."""
+    cfg = apply_overrides(load_workflow(REPO / "workflows/mnist.py"), ["train.workers=2"])
+    result = run_workflow(cfg, data_dir=str(mnist_dir.parent), log=lambda m: None)
+    assert result.test_accuracy >= 0.980, result
+    assert result.production  # passed the workflow's 0.98 gate
+    history = json.loads((Path(result.run_dir) / "checkpoint_epoch=10" / "metrics.json").read_text())["history"]
+    # Loss curve pinned loosely: falls every epoch on average and ends low.
+    losses = [h["train_loss"] for h in history]
+    assert losses[0] < 0.35 and losses[-1] < 0.02 and np.all(np.diff(losses) < 0.01)

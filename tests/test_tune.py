@@ -1,0 +1,179 @@
+"""Hyperparameter search: resource planning (pure), a real ASHA search on digits, infeasible searches, multi-worker.
+
+The integration tests run real Ray Tune trials on the session's local Ray (2 CPUs), on shrunken budgets.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from modelworks import checkpoint
+from modelworks.config import SearchConfig, apply_overrides, load_workflow
+from modelworks.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = REPO / "workflows" / "digits.py"
+
+
+def _cfg(*overrides: str):
+    return apply_overrides(load_workflow(DIGITS), list(overrides))
+
+
+# ------------------------------------------------------------------------------------- pure: no Ray
+def test_space_keys_are_resolved_and_checked():
+    s = SearchConfig(space={"lr": {"loguniform": [1e-4, 1e-2]}, "model.dropout": [0.0, 0.2], "hidden_sizes": None})
+    assert s.space == {"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.dropout": [0.0, 0.2]}
+    for bad in ({"train.nope": [1]}, {"lr": {"loguniform": [0, 1]}}, {"lr": {"gaussian": [0, 1]}},
+                {"lr": {"uniform": [2, 1]}}, {"dropout": []}):
+        with pytest.raises(ValueError):
+            SearchConfig(space=bad)
+
+
+def test_cli_set_can_add_a_dimension_with_a_short_key():
+    cfg = _cfg('search.space.optimizer=["adam", "sgd"]')
+    assert cfg.search.space["train.optimizer"] == ["adam", "sgd"]
+    with pytest.raises(UserError, match="not a field"):
+        _cfg("search.space.bogus=[1, 2]")
+
+
+def test_trial_config_applies_samples_and_the_epoch_budget():
+    from modelworks.tune import trial_config
+
+    cfg = _cfg("search.max_epochs=7", "search.enabled=true")
+    t = trial_config(cfg, {"train.lr": 0.01, "model.hidden_sizes": [32]})
+    assert (t.train.lr, t.model.hidden_sizes, t.train.epochs, t.search.enabled) == (0.01, [32], 7, False)
+    with pytest.raises(UserError):  # a sampled value the config rejects fails loudly
+        trial_config(cfg, {"model.dropout": 1.5})
+
+
+def test_plan_leaves_cpu_for_data_and_derives_concurrency():
+    from modelworks.tune import plan_trials
+
+    two = plan_trials(_cfg(), {"CPU": 2.0}, physical_cpus=2)
+    assert (two.concurrency, two.trial_cpus, two.threads) == (1, 1.0, 2)
+    eight = plan_trials(_cfg("search.num_samples=16"), {"CPU": 8.0}, physical_cpus=8)
+    assert eight.concurrency == 7 and eight.concurrency * eight.trial_cpus <= 8 - 1
+    assert plan_trials(_cfg("search.num_samples=3"), {"CPU": 8.0}).concurrency == 3  # never more than trials
+    dist = plan_trials(_cfg("train.workers=2"), {"CPU": 2.0}, physical_cpus=2)
+    assert dist.workers == 2 and dist.trial_cpus <= 1.0 and dist.concurrency == 1
+    # A worker count from the space counts too: the largest choice must fit.
+    spaced = plan_trials(_cfg('search.space.workers=[1, 3]'), {"CPU": 4.0}, physical_cpus=4)
+    assert spaced.workers == 3 and spaced.trial_cpus <= 3.0
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (("search.cpus_per_trial=4",), "never start"),
+    (("train.workers=16",), "never start"),
+    (("train.use_gpu=true",), "GPU"),
+])
+def test_plan_refuses_a_search_that_can_never_be_scheduled(overrides, match):
+    from modelworks.tune import plan_trials
+
+    with pytest.raises(UserError, match=match):
+        plan_trials(_cfg(*overrides), {"CPU": 2.0}, physical_cpus=2)
+    with pytest.raises(UserError, match="more CPUs"):
+        plan_trials(_cfg(), {"CPU": 1.0})
+
+
+# ------------------------------------------------------------------------------- real local Ray
+def _wait_resources_back(ray, timeout=30.0) -> tuple[float, float]:
+    total = ray.cluster_resources().get("CPU", 0.0)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ray.available_resources().get("CPU", 0.0) >= total - 1e-6:
+            break
+        time.sleep(0.5)
+    return ray.available_resources().get("CPU", 0.0), total
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_asha_search_on_digits_finishes_stops_trials_early_and_registers_the_best(ray_local):
+    """`modelworks run` with search.enabled: 5 real trials, ASHA stops some; resources all come back."""
+    from modelworks.registry import Registry
+    from modelworks.workflow import run_workflow
+
+    cfg = _cfg("search.enabled=true", "search.num_samples=5", "search.max_epochs=4", "search.grace_period=1",
+               "search.reduction_factor=2", 'search.space.lr={"loguniform": [1e-5, 3e-2]}', "search.seed=1")
+    t0 = time.time()
+    result = run_workflow(cfg, log=lambda m: None)
+    elapsed = time.time() - t0
+
+    rows = json.loads((Path(result.run_dir) / "trials.json").read_text())
+    assert len(rows) == 5 and all(r["status"] in ("completed", "stopped") for r in rows)
+    stopped = [r for r in rows if r["status"] == "stopped"]
+    completed = [r for r in rows if r["status"] == "completed"]
+    assert stopped, f"ASHA stopped no trial: {rows}"
+    assert completed and all(r["epochs"] == 4 for r in completed)
+    assert all(r["epochs"] < 4 for r in stopped)  # stopped trials used fewer epochs
+    assert all(len(r["history"]) == r["epochs"] for r in rows)
+    for name in ("trials.csv", "trials.json", "trials_val_accuracy.png"):
+        assert (Path(result.run_dir) / name).stat().st_size > 0
+    assert (Path(result.run_dir) / "trials.csv").read_text().count("\n") == 6
+
+    # The best trial is chosen by validation accuracy and its checkpoint loads and scores.
+    assert result.val_accuracy == pytest.approx(max(r["best_val_accuracy"] for r in rows))
+    loaded = checkpoint.load(result.checkpoint)
+    assert result.test_accuracy > 0.8 and loaded.metrics["val_accuracy"] == pytest.approx(result.val_accuracy)
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    pred = loaded.predict_proba(d.data[:200].astype(np.float32)).argmax(1).numpy()
+    assert (pred == d.target[:200]).mean() > 0.8
+
+    reg = Registry()
+    name, version = reg.resolve(result.model)
+    info = reg.info(name, version)
+    assert info["search"]["best_trial"] in result.run and len(info["trials"]) == 5
+    assert info["test_accuracy"] == pytest.approx(result.test_accuracy)
+    assert result.production == (result.test_accuracy >= cfg.registry.min_accuracy)
+
+    available, total = _wait_resources_back(ray_local)
+    assert available == pytest.approx(total), "trials stopped by ASHA still hold CPUs"
+    print(f"\n5-trial ASHA digits search: {elapsed:.0f} s, epochs {[r['epochs'] for r in rows]}")
+
+
+@pytest.mark.ray
+def test_tune_cli_fails_at_once_when_a_trial_can_never_be_scheduled(ray_local, capsys):
+    from modelworks.cli import main
+
+    t0 = time.time()
+    rc = main(["tune", str(DIGITS), "--set", "train.workers=4", "--set", "search.cpus_per_trial=3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "never start" in err and err.count("\n") == 1
+    assert time.time() - t0 < 10
+
+
+@pytest.mark.ray
+def test_tune_refuses_an_existing_search_without_resume(ray_local, capsys, modelworks_home):
+    from modelworks.cli import main
+    from modelworks.tune import search_name
+
+    cfg = _cfg("search.enabled=true")
+    d = modelworks_home / "runs" / search_name(cfg)
+    d.mkdir(parents=True)
+    (d / "tuner.pkl").write_bytes(b"x")  # what Tuner.can_restore looks for
+    assert main(["tune", str(DIGITS)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trial_with_two_workers_runs_distributed_and_releases_its_workers(ray_local):
+    """A trial that asks for 2 workers is a real TorchTrainer (DDP) run nested in the trial."""
+    from modelworks.tune import run_search
+
+    cfg = _cfg("search.enabled=true", "search.num_samples=2", "search.max_epochs=2", "search.scheduler=fifo",
+               "train.workers=2", 'search.space={"lr": {"loguniform": [1e-3, 1e-2]}}', "data.max_rows=600")
+    result = run_search(cfg, register=False, log=lambda m: None)
+    assert [r["epochs"] for r in result.trials] == [2, 2]
+    assert all(r["status"] == "completed" for r in result.trials)
+    train_runs = Path(result.search_dir) / "train"
+    assert sorted(p.name for p in train_runs.iterdir() if p.is_dir()) == sorted(r["trial_id"] for r in result.trials)
+    assert checkpoint.load(result.best_checkpoint).spec["hidden_sizes"] == [128, 64]
+    available, total = _wait_resources_back(ray_local)
+    assert available == pytest.approx(total)

@@ -1,0 +1,92 @@
+"""Fault: SIGKILL the `modelworks tune` driver mid-search; `--resume` finishes it and reruns no finished trial."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODELWORKS = Path(sys.executable).with_name("modelworks")
+ARGS = [str(REPO / "workflows" / "digits.py"), "--set", "search.num_samples=4", "--set", "search.max_epochs=4",
+        "--set", "search.scheduler=fifo", "--set", "search.seed=3", "--json"]
+
+
+def _events(search_dir: Path) -> dict[str, list[dict]]:
+    out = {}
+    for f in sorted((search_dir / "attempts").glob("*.jsonl")):
+        out[f.stem] = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    return out
+
+
+def _search_dir(home: Path) -> Path | None:
+    found = list((home / "runs").glob("digits-search-*")) if (home / "runs").is_dir() else []
+    return found[0] if found else None
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_search_resumes_without_rerunning_finished_trials(modelworks_home, tmp_path):
+    env = {**os.environ, "MODELWORKS_HOME": str(modelworks_home), "MODELWORKS_PROGRESS": "0",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    env.pop("RAY_ADDRESS", None)
+    log1 = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen([str(MODELWORKS), "tune", *ARGS], env=env, stdout=log1, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group: the driver and the Ray it started
+    finished_before: set[str] = set()
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            d = _search_dir(modelworks_home)
+            if d is not None:
+                ev = _events(d)
+                finished_before = {t for t, e in ev.items() if any(x["event"] == "end" for x in e)}
+                running = [t for t, e in ev.items() if t not in finished_before and
+                           any(x["event"] == "epoch" for x in e)]
+                if finished_before and running:  # >= 1 trial done and another one mid-way
+                    break
+            time.sleep(0.3)
+        assert proc.poll() is None, f"search ended before it could be killed:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
+        assert finished_before, "no trial finished in time"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        log1.close()
+    time.sleep(2)
+    search_dir = _search_dir(modelworks_home)
+    before = _events(search_dir)
+    finished_before = {t for t, e in before.items() if any(x["event"] == "end" for x in e)}
+
+    # Without --resume the existing search is refused (one line, exit 2).
+    refused = subprocess.run([str(MODELWORKS), "tune", *ARGS], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    resumed = subprocess.run([str(MODELWORKS), "tune", *ARGS, "--resume"], env=env, capture_output=True, text=True,
+                             timeout=420)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    after = _events(search_dir)
+
+    assert len(summary["trials"]) == 4
+    assert all(r["status"] == "completed" and r["epochs"] == 4 for r in summary["trials"]), summary["trials"]
+    for trial in finished_before:  # finished trials were not run again: no new start, no new epoch
+        assert after[trial] == before[trial], f"finished trial {trial} ran again after --resume"
+    attempts = {r["trial_id"]: r["attempts"] for r in summary["trials"]}
+    assert all(attempts[t] == 1 for t in finished_before)
+    interrupted = [t for t in before if t not in finished_before]
+    assert interrupted, "nothing was interrupted"
+    for trial in interrupted:  # an interrupted trial continues from its last checkpoint, not from epoch 1
+        epochs = [x["epoch"] for x in after[trial] if x["event"] == "epoch"]
+        done_before = [x["epoch"] for x in before[trial] if x["event"] == "epoch"]
+        assert attempts[trial] == 2 and sorted(set(epochs)) == [1, 2, 3, 4]
+        if len(done_before) >= 2:  # its epoch-1 checkpoint was saved before epoch 2 ran
+            assert epochs.count(1) == 1, f"interrupted trial {trial} restarted from scratch: {epochs}"
+    assert summary["test_accuracy"] > 0.8 and summary["model"].startswith("digits@")
