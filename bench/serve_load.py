@@ -160,6 +160,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=6.0, help="per cell, per server")
     ap.add_argument("--max-requests", type=int, default=50_000, help="per cell, per server")
     ap.add_argument("--no-autoscale", action="store_true")
+    ap.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+                    help="haproxy: Serve's HAProxy + direct-ingress mode (RAY_SERVE_ENABLE_HA_PROXY/"
+                         "RAY_SERVE_ENABLE_DIRECT_INGRESS, set before Ray starts); proxy: the default Python proxy")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_load.json"))
     ap.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -168,6 +171,9 @@ def main() -> int:
         plain_server(args.model, args.registry, args.port)
         return 0
 
+    if args.ingress == "haproxy":
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
+                          RAY_SERVE_HAPROXY_NBTHREAD=os.environ.get("RAY_SERVE_HAPROXY_NBTHREAD", "1"))
     import ray
     from ray import serve
 
@@ -257,7 +263,7 @@ def main() -> int:
                   f"{timeline[-1][1]} after {timeline[-1][0] - (t_idle - t0):.0f}s idle", flush=True)
 
         target = next((c for c in cells if c["images_per_request"] == 1 and c["concurrency"] == 64), None)
-        result = {"model": model, "model_version": version, "input_shape": shape, "cpus": os.cpu_count(),
+        result = {"ingress": args.ingress, "model": model, "model_version": version, "input_shape": shape, "cpus": os.cpu_count(),
                   "seconds_per_cell": args.seconds, "cells": cells, "autoscaling": autoscale,
                   "target_c64_single_ratio": target and target["images_per_s_ratio"],
                   "target_met": bool(target and target["images_per_s_ratio"] >= 1.0
