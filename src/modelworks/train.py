@@ -188,7 +188,11 @@ class CpuPlan:
 
 def plan_cpus(workers: int, use_gpu: bool) -> CpuPlan:
     """Give the workers what is left after DATA_CPUS; fail at once when that cannot fit."""
-    total = ray.cluster_resources().get("CPU", 0.0)
+    resources = ray.cluster_resources()
+    if use_gpu and resources.get("GPU", 0) < workers:
+        raise UserError(f"--gpu asks for {workers} GPU worker(s) but the Ray cluster has "
+                        f"{resources.get('GPU', 0):g} GPU(s); drop --gpu or add GPU nodes")
+    total = resources.get("CPU", 0.0)
     free_for_workers = total - DATA_CPUS
     if free_for_workers <= 0:
         raise UserError(f"the Ray cluster has {total:g} CPUs; training needs more than {DATA_CPUS:g} "
