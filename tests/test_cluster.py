@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -481,6 +482,7 @@ def ray_head(tmp_path_factory):
     finally:
         survivors = stop_own_cluster(marker)
         assert not survivors, f"could not stop our Ray processes {survivors}"
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.ray
