@@ -163,17 +163,20 @@ def test_tune_refuses_an_existing_search_without_resume(ray_local, capsys, model
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_trial_with_two_workers_runs_distributed_and_releases_its_workers(ray_local):
-    """A trial that asks for 2 workers is a real TorchTrainer (DDP) run nested in the trial."""
+def test_two_worker_trials_run_distributed_and_asha_stopped_ones_release_their_workers(ray_local):
+    """A trial asking for 2 workers is a real nested TorchTrainer (DDP); ASHA-stopped ones are aborted
+    (the leak of ray-project/ray#54305 would leave their workers holding the CPUs)."""
     from modelworks.tune import run_search
 
-    cfg = _cfg("search.enabled=true", "search.num_samples=2", "search.max_epochs=2", "search.scheduler=fifo",
-               "train.workers=2", 'search.space={"lr": {"loguniform": [1e-3, 1e-2]}}', "data.max_rows=600")
+    cfg = _cfg("search.enabled=true", "search.num_samples=3", "search.max_epochs=3", "search.grace_period=1",
+               "search.reduction_factor=2", "search.seed=1", "train.workers=2", "data.max_rows=600",
+               'search.space={"lr": {"loguniform": [1e-5, 3e-2]}}')
     result = run_search(cfg, register=False, log=lambda m: None)
-    assert [r["epochs"] for r in result.trials] == [2, 2]
-    assert all(r["status"] == "completed" for r in result.trials)
-    train_runs = Path(result.search_dir) / "train"
+    by_status = {s: [r for r in result.trials if r["status"] == s] for s in ("completed", "stopped")}
+    assert by_status["completed"] and by_status["stopped"], result.trials
+    assert all(r["epochs"] < 3 for r in by_status["stopped"])
+    train_runs = Path(result.search_dir) / "train"  # one real Train run (checkpoint_epoch=N dirs) per trial
     assert sorted(p.name for p in train_runs.iterdir() if p.is_dir()) == sorted(r["trial_id"] for r in result.trials)
     assert checkpoint.load(result.best_checkpoint).spec["hidden_sizes"] == [128, 64]
     available, total = _wait_resources_back(ray_local)
-    assert available == pytest.approx(total)
+    assert available == pytest.approx(total), "Train workers of stopped trials still hold CPUs"

@@ -243,12 +243,11 @@ def _trainable_class():
         # -- N workers: a real TorchTrainer; forward each checkpoint_epoch=N it writes
         def _run_distributed(self) -> None:
             from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-            from ray.train.torch import TorchTrainer
 
             from modelworks import train
 
             try:
-                TorchTrainer(
+                _abortable_trainer(self)(
                     train.train_loop, train_loop_config=self._loop_config(),
                     datasets={"train": self.datasets["train"], "val": self.datasets["val"]},
                     scaling_config=ScalingConfig(num_workers=self.cfg.train.workers, use_gpu=self.cfg.train.use_gpu,
@@ -297,7 +296,10 @@ def _trainable_class():
             self.epochs_trained += 1
             self._log_attempt({"event": "epoch", "epoch": payload["epoch"]})
             metrics = {k: v for k, v in payload.items() if isinstance(v, (int, float))}
-            return {**metrics, "done": payload["epoch"] >= self.cfg.train.epochs}
+            done = payload["epoch"] >= self.cfg.train.epochs
+            if done and distributed:  # let the TorchTrainer tear its worker group down before Tune ends us
+                self.thread.join(timeout=120)
+            return {**metrics, "done": done}
 
         def save_checkpoint(self, checkpoint_dir):
             if self.latest is not None:
@@ -314,14 +316,48 @@ def _trainable_class():
                                      if k != "history"}
 
         def cleanup(self):
-            if self.thread is not None and self.thread.is_alive() and self.cfg.train.workers == 1:
-                self.to_train.put("stop")
+            if self.thread is not None and self.thread.is_alive():
+                if self.cfg.train.workers == 1:
+                    self.to_train.put("stop")
+                elif getattr(self, "controller", None) is not None:
+                    # Stopped by ASHA mid-run: abort the nested Train run, or its workers outlive this trial
+                    # and hold their CPUs forever (ray-project/ray#54305).
+                    import ray
+
+                    try:
+                        ray.get(self.controller.abort.remote(), timeout=60)
+                    except Exception:  # noqa: BLE001 - abort ends the controller; its call may report that
+                        pass
                 self.thread.join(timeout=30)
             self._log_attempt({"event": "end", "epochs_trained": self.epochs_trained,
                                "last_epoch": (self.last_metrics or {}).get("epoch", 0)})
             shutil.rmtree(self.staging, ignore_errors=True)
 
     return ModelworksTrial
+
+
+def _abortable_trainer(owner):
+    """TorchTrainer that hands its controller actor to `owner` (Train only does that on the main thread, for
+    its SIGINT handler), so a trial stopped by Tune can abort its nested Train run."""
+    import ray
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api import data_parallel_trainer as dpt
+
+    class _AbortableTorchTrainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **controller_init_kwargs):  # mirrors Ray 2.60's own
+            env_vars = dpt.get_env_vars_to_propagate()
+            env_vars.setdefault(dpt.RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+                                dpt.DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+            controller = ray.remote(
+                num_cpus=0,
+                label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
+                runtime_env={"env_vars": env_vars},
+            )(dpt.TrainController).remote(**controller_init_kwargs)
+            owner.controller = controller
+            ray.get(controller.run.remote())
+            return ray.get(controller.get_result.remote())
+
+    return _AbortableTorchTrainer
 
 
 # ------------------------------------------------------------------------------------------ the search
@@ -488,8 +524,9 @@ def run_search(cfg: WorkflowConfig, *, name: str | None = None, data_dir: str | 
             param_space=_sorted_params(cfg),
             tune_config=tune.TuneConfig(
                 num_samples=cfg.search.num_samples, scheduler=scheduler,
-                search_alg=BasicVariantGenerator(random_state=cfg.search.seed),
-                max_concurrent_trials=plan.concurrency, reuse_actors=False,
+                # The concurrency limit lives in the generator (Tune ignores max_concurrent_trials with it).
+                search_alg=BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=plan.concurrency),
+                reuse_actors=False,
                 trial_dirname_creator=lambda t: t.trial_id),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(root),
