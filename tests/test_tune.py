@@ -49,19 +49,63 @@ def test_trial_config_applies_samples_and_the_epoch_budget():
         trial_config(cfg, {"model.dropout": 1.5})
 
 
-def test_plan_leaves_cpu_for_data_and_derives_concurrency():
-    from modelworks.tune import plan_trials
+def test_plan_leaves_cpu_for_data_and_runs_all_trials_together_on_cpu_shares():
+    from modelworks.tune import plan_trials, trial_memory_bytes
 
+    # 2 CPUs, 8 trials: all 8 at once (ASHA needs peers at a rung) on 1/8 of the 1 free CPU, 1 thread each.
     two = plan_trials(_cfg(), {"CPU": 2.0}, physical_cpus=2)
-    assert (two.concurrency, two.trial_cpus, two.threads) == (1, 1.0, 2)
+    assert (two.concurrency, two.trial_cpus, two.threads) == (8, 0.125, 1)
+    seven = plan_trials(_cfg("search.num_samples=7"), {"CPU": 2.0}, physical_cpus=2)
+    assert seven.concurrency == 7 and seven.concurrency * seven.trial_cpus <= 2 - 1  # shares rounded down
     eight = plan_trials(_cfg("search.num_samples=16"), {"CPU": 8.0}, physical_cpus=8)
-    assert eight.concurrency == 7 and eight.concurrency * eight.trial_cpus <= 8 - 1
-    assert plan_trials(_cfg("search.num_samples=3"), {"CPU": 8.0}).concurrency == 3  # never more than trials
+    assert eight.concurrency == 16 and eight.concurrency * eight.trial_cpus <= 8 - 1
+    three = plan_trials(_cfg("search.num_samples=3"), {"CPU": 8.0})  # never more than trials, <= 1 CPU each
+    assert (three.concurrency, three.trial_cpus) == (3, 1.0)
+    # Caps: the CPU floor per trial, search.max_concurrent, search.cpus_per_trial, memory.
+    assert plan_trials(_cfg("search.num_samples=50"), {"CPU": 2.0}).concurrency == 10
+    capped = plan_trials(_cfg("search.max_concurrent=2"), {"CPU": 2.0}, physical_cpus=2)
+    assert (capped.concurrency, capped.trial_cpus) == (2, 0.5)
+    assert plan_trials(_cfg("search.cpus_per_trial=0.25"), {"CPU": 2.0}).concurrency == 4
+    per_trial = trial_memory_bytes(1, 200 * 2**20)
+    mem = plan_trials(_cfg(), {"CPU": 2.0, "memory": 3.5 * per_trial}, physical_cpus=2, trial_bytes=per_trial)
+    assert (mem.concurrency, mem.trial_cpus) == (3, 0.3333) and "memory" in mem.why
     dist = plan_trials(_cfg("train.workers=2"), {"CPU": 2.0}, physical_cpus=2)
     assert dist.workers == 2 and dist.trial_cpus <= 1.0 and dist.concurrency == 1
     # A worker count from the space counts too: the largest choice must fit.
     spaced = plan_trials(_cfg('search.space.workers=[1, 3]'), {"CPU": 4.0}, physical_cpus=4)
     assert spaced.workers == 3 and spaced.trial_cpus <= 3.0
+
+
+def test_rungs_and_which_peers_a_trial_waits_for_at_a_rung(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    from modelworks.tune import asha_rungs, peers_behind
+
+    assert asha_rungs(_cfg()) == [2, 6, 18]  # digits: 20 epochs, grace 2, factor 3
+    assert asha_rungs(_cfg("search.max_epochs=4", "search.grace_period=1", "search.reduction_factor=2")) == [1, 2]
+    assert asha_rungs(_cfg("search.scheduler=fifo")) == []
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host, me = socket.gethostname(), os.getpid()
+    logs = {
+        "behind": [("start", "s1", me), ("epoch", 1)],
+        "ahead": [("start", "s1", me), ("epoch", 1), ("epoch", 2)],
+        "ended": [("start", "s1", me), ("epoch", 1), ("end", "s1", me)],
+        "crashed": [("start", "s1", dead.pid), ("epoch", 1)],
+        "old_session": [("start", "s0", me), ("epoch", 1)],
+        "resumed": [("start", "s0", me), ("epoch", 1), ("start", "s1", me)],
+        "self": [("start", "s1", me)],
+    }
+    (tmp_path / "attempts").mkdir()
+    for trial, events in logs.items():
+        lines = [json.dumps({"event": e[0], "epoch": e[1]} if e[0] == "epoch" else
+                            {"event": e[0], "session": e[1], "pid": e[2], "host": host}) for e in events]
+        (tmp_path / "attempts" / f"{trial}.jsonl").write_text("\n".join(lines) + "\n")
+    assert sorted(peers_behind(tmp_path, "s1", "self", 2)) == ["behind", "resumed"]
+    assert peers_behind(tmp_path, "s1", "self", 1) == []  # "resumed" reported epoch 1 before its restart
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -108,6 +152,16 @@ def test_asha_search_on_digits_finishes_stops_trials_early_and_registers_the_bes
     completed = [r for r in rows if r["status"] == "completed"]
     assert stopped, f"ASHA stopped no trial: {rows}"
     assert completed and all(r["epochs"] == 4 for r in completed)
+    # The trials ran together (time-sliced on fractional CPUs), not one after another: at some moment at
+    # least 4 of the 5 were alive at once (trial intervals from the trial table overlap).
+    intervals = [(r["started_at"], r["ended_at"]) for r in rows]
+    peak = max(sum(1 for s, e in intervals if s <= t <= e) for t, _ in intervals)
+    assert peak >= 4, f"trials did not run concurrently: {intervals}"
+    # ...and met at the first rung (epoch 1): no trial reported epoch 2 before every trial had reported epoch 1.
+    events = [json.loads(x) for f in (Path(result.run_dir) / "attempts").glob("*.jsonl")
+              for x in f.read_text().splitlines()]
+    first_epoch2 = min(e["time"] for e in events if e.get("epoch") == 2)
+    assert all(e["time"] < first_epoch2 for e in events if e.get("epoch") == 1), "a trial passed rung 1 alone"
     assert all(r["epochs"] < 4 for r in stopped)  # stopped trials used fewer epochs
     assert all(len(r["history"]) == r["epochs"] for r in rows)
     for name in ("trials.csv", "trials.json", "trials_val_accuracy.png"):
