@@ -126,11 +126,21 @@ def main() -> None:
         raise SystemExit(f"MNIST not found under {args.data_dir}; pass --data-dir")
 
     results: dict = {"epochs": args.epochs, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    for name, fn in (("seed", lambda: bench_seed(mnist, args.epochs)),
-                     ("inmemory", lambda: bench_inmemory(mnist, args.epochs))):
-        rates = fn()
-        results[name] = {"rates": rates, "samples_per_s": steady(rates)}
-        print(f"{name:>9}: {steady(rates):9.0f} samples/s   per epoch {[round(r) for r in rates]}", flush=True)
+    rates = bench_seed(mnist, args.epochs)
+    results["seed"] = {"rates": rates, "samples_per_s": steady(rates)}
+    print(f"     seed: {steady(rates):9.0f} samples/s   per epoch {[round(r) for r in rates]}", flush=True)
+    # The ceiling is the faster of 1 thread and torch's default: for a model this small, a second
+    # intra-op thread can cost more than it gives.
+    default_threads, best = torch.get_num_threads(), None
+    for threads in sorted({1, default_threads}):
+        torch.set_num_threads(threads)
+        rates = bench_inmemory(mnist, args.epochs)
+        print(f" inmemory: {steady(rates):9.0f} samples/s   per epoch {[round(r) for r in rates]} "
+              f"({threads} thread(s))", flush=True)
+        if best is None or steady(rates) > best["samples_per_s"]:
+            best = {"rates": rates, "samples_per_s": steady(rates), "threads": threads}
+    torch.set_num_threads(default_threads)
+    results["inmemory"] = best
     for workers in (1, 2):
         r = bench_modelworks(Path(args.data_dir), args.epochs, workers)
         r["samples_per_s"] = steady(r["rates"])
