@@ -316,8 +316,24 @@ def _trainable_class():
             self.epochs_trained = 0
             self.session = session
             self.rungs = set(asha_rungs(self.cfg)) if self.cfg.train.workers == 1 else set()
-            self._log_attempt({"event": "start", "pid": os.getpid(), "host": socket.gethostname(),
-                               "session": session})
+            # Tune saves its experiment state every few seconds: a trial that ended just before the driver
+            # was killed can come back on --resume. Its own log says it ended: it must not run again.
+            self.ended_before = self._has_ended()
+            if not self.ended_before:
+                self._log_attempt({"event": "start", "pid": os.getpid(), "host": socket.gethostname(),
+                                   "session": session})
+
+        def _has_ended(self) -> bool:
+            path = self.search_dir / "attempts" / f"{self.trial_id}.jsonl"
+            if not path.is_file():
+                return False
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["event"] == "end":
+                        return True
+                except (ValueError, KeyError):  # a half-written line from a killed process
+                    continue
+            return False
 
         # -- bookkeeping visible to the trial table and to resume checks
         def _log_attempt(self, record: dict) -> None:
@@ -394,6 +410,9 @@ def _trainable_class():
                 time.sleep(0.2)
 
         def step(self):
+            if self.ended_before:  # restored after it had already ended: report where it stopped, run nothing
+                last = self.last_metrics or {"epoch": 0}
+                return {**{k: v for k, v in last.items() if isinstance(v, (int, float))}, "done": True}
             distributed = self.cfg.train.workers > 1
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run_distributed if distributed else self._run_local,
@@ -449,6 +468,9 @@ def _trainable_class():
                                      if k != "history"}
 
         def cleanup(self):
+            if self.ended_before:
+                shutil.rmtree(self.staging, ignore_errors=True)
+                return
             if self.thread is not None and self.thread.is_alive():
                 if self.cfg.train.workers == 1:
                     self.to_train.put("stop")
