@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -139,10 +138,6 @@ def wait_http(port: int, path: str, timeout: float = 60) -> None:
     raise RuntimeError(f"server on port {port} did not come up")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def replicas(app: str) -> int:
@@ -192,6 +187,8 @@ def main() -> int:
     loaded, version = reg.load(model)
     shape = list(loaded.preprocessor.input_shape)
     dim = int(np.prod(shape))
+
+    from modelworks.serve.testing import free_port
 
     plain_port, serve_port = free_port(), free_port()
     plain = subprocess.Popen([sys.executable, __file__, "--plain-server", "--model", model, "--registry", registry,

@@ -16,7 +16,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+
+from modelworks.serve.testing import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -390,10 +391,6 @@ def test_runtime_env_excludes_what_it_should_and_keeps_the_code():
 
 
 # ---------------------------------------------------------------------------- (b) real `ray job submit`
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pids_of(marker: str) -> set[int]:

@@ -11,17 +11,11 @@ import requests
 
 from modelworks.config import ServeConfig
 from modelworks.registry import Registry
-from modelworks.serve.testing import digits_data, register_digits
+from modelworks.serve.testing import digits_data, free_port, register_digits
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

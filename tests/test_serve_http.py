@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,15 +18,11 @@ import yaml
 
 from modelworks.config import ServeConfig
 from modelworks.registry import Registry
-from modelworks.serve.testing import digits_data, register_digits
+from modelworks.serve.testing import digits_data, free_port, register_digits
 
 pytestmark = pytest.mark.ray
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,15 @@ from modelworks.models import build_model
 from modelworks.registry import Registry
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (tests and benchmarks bind their servers there, never to 8000)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def digits_data() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
