@@ -13,6 +13,7 @@ import ray  # noqa: E402
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, log_loss  # noqa: E402
 
 from modelworks import checkpoint  # noqa: E402
+from modelworks.train import list_checkpoints  # noqa: E402
 
 
 def predict_split(loaded: checkpoint.LoadedModel, raw_test: ray.data.Dataset, batch_size: int = 1024):
@@ -108,9 +109,9 @@ def evaluate_checkpoint(ckpt: Path, raw_test: ray.data.Dataset, out: Path, run_n
     metrics = score(y, probs, loaded.class_names)
     history = loaded.metrics.get("history", [])
     # Curves cover every epoch of the run, also those after the best checkpoint.
-    last = sorted(ckpt.parent.glob("checkpoint_epoch=*"), key=lambda p: int(p.name.split("=")[1]))
-    if last:
-        history = json.loads((last[-1] / "metrics.json").read_text()).get("history", history)
+    done = list_checkpoints(ckpt.parent)  # complete checkpoints only, by epoch
+    if done:
+        history = json.loads((done[-1][1] / "metrics.json").read_text()).get("history", history)
     (out / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_confusion(metrics["confusion_matrix"], loaded.class_names, out / "confusion_matrix.png")
     plot_curves(history, out / "loss_curve.png", out / "accuracy_curve.png")
