@@ -2,12 +2,18 @@
 single-process server serving the same registered model, side by side in one run.
 
     .venv/bin/python bench/serve_load.py                       # MNIST-shaped 784-256-128-10 MLP stand-in
+    .venv/bin/python bench/serve_load.py --hidden 1024,1024    # a model whose forward pass costs more
     .venv/bin/python bench/serve_load.py --model mnist@production --registry ~/.modelworks/registry
 
 For each concurrency (1, 16, 64) and request size (1 and 64 images) it runs C keep-alive connections, each
 sending its next request as soon as the previous answer arrives, for at most --seconds and --max-requests,
-and reports req/s, images/s, p50/p99 latency and errors for both servers. Then it shows autoscaling: the
-Serve deployment (1..2 replicas) under sustained load, and after it. Writes JSON (--out).
+and reports req/s, images/s, p50/p99 latency and errors for:
+  modelworks                 the Serve app with 1 replica (the side-by-side the target is stated for)
+  plain_fastapi              FastAPI + uvicorn, one process
+  modelworks_2_replicas      the Serve app scaled to 2 replicas (what autoscaling gives it on 2 cores)
+  plain_fastapi_2_workers    uvicorn --workers 2: the same scale-out for the plain server, for reference
+Then it shows autoscaling: the Serve deployment (1..2 replicas) under sustained load, and after it.
+Writes JSON (--out).
 
 Both servers validate input with the same code (modelworks.serve.schemas) and run torch with one intra-op
 thread; the plain server runs one forward pass per request (no batching). The load generator is a small
@@ -30,15 +36,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # -- the plain server (run as a subprocess: `serve_load.py --plain-server`) ---------------------------------
-def plain_server(model: str, registry: str, port: int) -> None:
+def plain_app():
+    """The plain server's app (a factory, so that uvicorn's worker processes can each build one)."""
     import torch
-    import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import Response
 
     from modelworks.registry import Registry
     from modelworks.serve import schemas
 
+    model, registry = os.environ["MW_BENCH_MODEL"], os.environ["MW_BENCH_REGISTRY"]
     torch.set_num_threads(1)
     loaded, version = Registry(registry).load(model)
     name = model.partition("@")[0]
@@ -63,11 +70,21 @@ def plain_server(model: str, registry: str, port: int) -> None:
     async def healthz():
         return {"status": "ok"}
 
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    return app
+
+
+def plain_server(model: str, registry: str, port: int, workers: int) -> None:
+    import uvicorn
+
+    os.environ.update(MW_BENCH_MODEL=model, MW_BENCH_REGISTRY=registry)
+    uvicorn.run("serve_load:plain_app", factory=True, app_dir=str(Path(__file__).parent), workers=workers,
+                host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 # -- the load generator ----------------------------------------------------------------------------------
-async def _read_response(reader: asyncio.StreamReader) -> int:
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """(status, keep_alive): a server that answers `Connection: close` (HAProxy does while it reloads after a
+    replica change) must get a new connection for the next request, as any HTTP client would open."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
@@ -80,7 +97,7 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
             await reader.readexactly(size + 2)
             if size == 0:
                 break
-    return status
+    return status, headers.get("connection", "").lower() != "close"
 
 
 async def closed_loop(port: int, path: str, body: bytes, concurrency: int, seconds: float, max_requests: int) -> dict:
@@ -88,6 +105,7 @@ async def closed_loop(port: int, path: str, body: bytes, concurrency: int, secon
                f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n").encode() + body
     latencies: list[float] = []
     errors = 0
+    error_kinds: dict[str, int] = {}
     sent = 0
     t_end = time.perf_counter() + seconds
 
@@ -101,9 +119,10 @@ async def closed_loop(port: int, path: str, body: bytes, concurrency: int, secon
                 if writer is None:
                     reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 writer.write(request)
-                status = await asyncio.wait_for(_read_response(reader), timeout=60)
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+                status, keep_alive = await asyncio.wait_for(_read_response(reader), timeout=60)
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as err:
                 errors += 1
+                error_kinds[type(err).__name__] = error_kinds.get(type(err).__name__, 0) + 1
                 if writer is not None:
                     writer.close()
                 reader = writer = None
@@ -111,6 +130,10 @@ async def closed_loop(port: int, path: str, body: bytes, concurrency: int, secon
             latencies.append(time.perf_counter() - t0)
             if status != 200:
                 errors += 1
+                error_kinds[f"HTTP {status}"] = error_kinds.get(f"HTTP {status}", 0) + 1
+            if not keep_alive:
+                writer.close()
+                reader = writer = None
         if writer is not None:
             writer.close()
 
@@ -121,7 +144,7 @@ async def closed_loop(port: int, path: str, body: bytes, concurrency: int, secon
     lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
     return {"requests": len(latencies) + 0, "ok": ok, "errors": errors, "wall_s": round(wall, 2),
             "req_per_s": round(ok / wall, 1), "p50_ms": round(float(np.percentile(lat, 50)), 2),
-            "p99_ms": round(float(np.percentile(lat, 99)), 2)}
+            "p99_ms": round(float(np.percentile(lat, 99)), 2), "error_kinds": error_kinds}
 
 
 def wait_http(port: int, path: str, timeout: float = 60) -> None:
@@ -140,7 +163,7 @@ def wait_http(port: int, path: str, timeout: float = 60) -> None:
 
 
 
-def replicas(app: str) -> int:
+def running_replicas(app: str) -> int:
     from ray import serve
 
     return serve.status().applications[app].deployments["ModelServer"].replica_states.get("RUNNING", 0)
@@ -150,25 +173,33 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="registered model (default: register an MNIST-shaped stand-in)")
     ap.add_argument("--registry", help="registry root (default: a temporary one)")
+    ap.add_argument("--hidden", default="256,128",
+                    help="hidden layers of the stand-in MLP (784-...-10); wider = more compute per image")
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--sizes", default="1,64", help="images per request")
     ap.add_argument("--seconds", type=float, default=6.0, help="per cell, per server")
     ap.add_argument("--max-requests", type=int, default=50_000, help="per cell, per server")
     ap.add_argument("--no-autoscale", action="store_true")
     ap.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
-                    help="haproxy: Serve's HAProxy + direct-ingress mode (RAY_SERVE_ENABLE_HA_PROXY/"
-                         "RAY_SERVE_ENABLE_DIRECT_INGRESS, set before Ray starts); proxy: the default Python proxy")
+                    help="haproxy: what `modelworks serve` runs (modelworks.serve.SERVE_ENV: HAProxy ingress, "
+                         "throughput-optimized Serve); proxy: Serve's default Python proxy")
+    ap.add_argument("--no-scaled", action="store_true", help="skip the 2-replica / 2-worker columns")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_load.json"))
     ap.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.plain_server:
-        plain_server(args.model, args.registry, args.port)
+        plain_server(args.model, args.registry, args.port, args.workers)
         return 0
 
-    if args.ingress == "haproxy":
-        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
-                          RAY_SERVE_HAPROXY_NBTHREAD=os.environ.get("RAY_SERVE_HAPROXY_NBTHREAD", "1"))
+    from modelworks.serve import SERVE_ENV, apply_serve_env
+
+    if args.ingress == "proxy":  # Serve's default ingress, for comparison
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="0", RAY_SERVE_THROUGHPUT_OPTIMIZED="0")
+    apply_serve_env(local=True)  # what `modelworks serve` runs with
+    # HAProxy's default of 4 threads only adds contention on a 2-core machine.
+    os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", "1")
     import ray
     from ray import serve
 
@@ -183,48 +214,76 @@ def main() -> int:
     if not model:
         from modelworks.serve.testing import register_mnist_shaped
 
-        model = f"mnist-bench@{register_mnist_shaped(reg)}"
+        hidden = tuple(int(h) for h in args.hidden.split(","))
+        model = f"mnist-bench@{register_mnist_shaped(reg, hidden=hidden)}"
     loaded, version = reg.load(model)
     shape = list(loaded.preprocessor.input_shape)
     dim = int(np.prod(shape))
 
     from modelworks.serve.testing import free_port
 
-    plain_port, serve_port = free_port(), free_port()
-    plain = subprocess.Popen([sys.executable, __file__, "--plain-server", "--model", model, "--registry", registry,
-                              "--port", str(plain_port)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    plain_port, plain2_port, serve_port = free_port(), free_port(), free_port()
+    scaled = not args.no_scaled and (os.cpu_count() or 1) >= 2
+
+    def start_plain(port: int, workers: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, __file__, "--plain-server", "--model", model, "--registry",
+                                 registry, "--port", str(port), "--workers", str(workers)],
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    plains = [start_plain(plain_port, 1)] + ([start_plain(plain2_port, 2)] if scaled else [])
     try:
         ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
-        # Side-by-side: one replica (the plain server is one process too).
-        cfg = ServeConfig(min_replicas=1, max_replicas=1, max_batch_size=64, batch_wait_timeout_s=0.002,
-                          max_queued_requests=1024, alias_poll_s=0)
-        serve.run(build(model, registry, cfg), name="bench", route_prefix="/", blocking=False)
-        wait_http(serve_port, "/readyz")
-        wait_http(plain_port, "/healthz")
+
+        def deploy(n_replicas: int) -> None:
+            cfg = ServeConfig(min_replicas=n_replicas, max_replicas=n_replicas, max_batch_size=64,
+                              batch_wait_timeout_s=0.002, max_queued_requests=1024, alias_poll_s=0,
+                              replica_cpus=min(1.0, (os.cpu_count() or 2) / n_replicas))
+            serve.run(build(model, registry, cfg), name="bench", route_prefix="/", blocking=False)
+            wait_http(serve_port, "/readyz")
+            deadline = time.time() + 60
+            while running_replicas("bench") < n_replicas and time.time() < deadline:
+                time.sleep(0.5)
 
         rng = np.random.default_rng(0)
         bodies = {n: json.dumps({"inputs": rng.integers(0, 256, size=(n, dim)).tolist()}).encode()
                   for n in map(int, args.sizes.split(","))}
-        servers = {"modelworks": serve_port, "plain_fastapi": plain_port}
-        for port in servers.values():  # warm up both
-            asyncio.run(closed_loop(port, "/predict", bodies[1], 4, 1.5, 2000))
-        cells = []
-        for n, body in bodies.items():
-            for c in map(int, args.concurrency.split(",")):
-                row = {"images_per_request": n, "concurrency": c}
+        cells = {(n, c): {"images_per_request": n, "concurrency": c}
+                 for n in bodies for c in map(int, args.concurrency.split(","))}
+
+        def run_cells(servers: dict[str, int]) -> None:
+            for port in servers.values():  # warm up
+                asyncio.run(closed_loop(port, "/predict", bodies[1], 4, 1.5, 2000))
+            for (n, c), row in cells.items():
                 for label, port in servers.items():
-                    r = asyncio.run(closed_loop(port, "/predict", body, c, args.seconds, args.max_requests))
+                    r = asyncio.run(closed_loop(port, "/predict", bodies[n], c, args.seconds, args.max_requests))
                     r["images_per_s"] = round(r["req_per_s"] * n, 1)
                     row[label] = r
-                row["images_per_s_ratio"] = round(row["modelworks"]["images_per_s"]
-                                                  / max(row["plain_fastapi"]["images_per_s"], 1e-9), 2)
-                cells.append(row)
-                m, p = row["modelworks"], row["plain_fastapi"]
-                print(f"n={n:<3} c={c:<3} modelworks {m['req_per_s']:>7.1f} req/s {m['images_per_s']:>8.1f} img/s "
-                      f"p50 {m['p50_ms']:>6.1f} p99 {m['p99_ms']:>7.1f} err {m['errors']} | plain {p['req_per_s']:>7.1f} "
-                      f"req/s {p['images_per_s']:>8.1f} img/s p50 {p['p50_ms']:>6.1f} p99 {p['p99_ms']:>7.1f} "
-                      f"err {p['errors']} | ratio {row['images_per_s_ratio']}", flush=True)
+                    print(f"n={n:<3} c={c:<3} {label:<24} {r['req_per_s']:>7.1f} req/s {r['images_per_s']:>8.1f} "
+                          f"img/s p50 {r['p50_ms']:>6.1f} ms p99 {r['p99_ms']:>7.1f} ms errors {r['errors']}",
+                          flush=True)
+
+        # Side by side: one replica against one plain process, each cell back to back.
+        deploy(1)
+        wait_http(plain_port, "/healthz")
+        run_cells({"modelworks": serve_port, "plain_fastapi": plain_port})
+        if scaled:  # both scaled out to 2 processes
+            deploy(2)
+            wait_http(plain2_port, "/healthz")
+            run_cells({"modelworks_2_replicas": serve_port, "plain_fastapi_2_workers": plain2_port})
+        for row in cells.values():
+            base = max(row["plain_fastapi"]["images_per_s"], 1e-9)
+            row["images_per_s_ratio"] = round(row["modelworks"]["images_per_s"] / base, 2)
+            if scaled:
+                row["images_per_s_ratio_2_replicas"] = round(row["modelworks_2_replicas"]["images_per_s"] / base, 2)
+                row["images_per_s_ratio_2_vs_2"] = round(
+                    row["modelworks_2_replicas"]["images_per_s"]
+                    / max(row["plain_fastapi_2_workers"]["images_per_s"], 1e-9), 2)
+        cells = list(cells.values())
+        print("images/s ratio to plain_fastapi (1 process): " + ", ".join(
+            f"n={r['images_per_request']} c={r['concurrency']}: {r['images_per_s_ratio']}"
+            + (f" (2 replicas {r['images_per_s_ratio_2_replicas']}, 2 vs 2 workers {r['images_per_s_ratio_2_vs_2']})"
+               if scaled else "") for r in cells), flush=True)
 
         autoscale = None
         if not args.no_autoscale:
@@ -239,14 +298,14 @@ def main() -> int:
             async def load_and_watch():
                 task = asyncio.create_task(closed_loop(serve_port, "/predict", bodies[1], 64, 25, 10**9))
                 while not task.done():
-                    timeline.append((round(time.time() - t0, 1), replicas("bench"), "load"))
+                    timeline.append((round(time.time() - t0, 1), running_replicas("bench"), "load"))
                     await asyncio.sleep(1)
                 return await task
 
             load = asyncio.run(load_and_watch())
             t_idle = time.time()
             while time.time() - t_idle < 60:
-                n_rep = replicas("bench")
+                n_rep = running_replicas("bench")
                 timeline.append((round(time.time() - t0, 1), n_rep, "idle"))
                 if n_rep <= 1 and time.time() - t_idle > 3:
                     break
@@ -256,23 +315,32 @@ def main() -> int:
                                     "upscale_delay_s": 2, "downscale_delay_s": 5},
                          "load": load, "peak_replicas": peak, "final_replicas": timeline[-1][1],
                          "timeline": timeline, "cpus": os.cpu_count()}
-            print(f"autoscaling: peak {peak} replicas under load ({load['req_per_s']} req/s, {load['errors']} errors), "
+            print(f"autoscaling: peak {peak} replicas under load ({load['req_per_s']} req/s, {load['errors']} errors "
+                  f"{load['error_kinds'] or ''}), "
                   f"{timeline[-1][1]} after {timeline[-1][0] - (t_idle - t0):.0f}s idle", flush=True)
 
         target = next((c for c in cells if c["images_per_request"] == 1 and c["concurrency"] == 64), None)
-        result = {"ingress": args.ingress, "model": model, "model_version": version, "input_shape": shape, "cpus": os.cpu_count(),
+
+        def met(key: str, label: str) -> bool:
+            return bool(target and key in target and target[key] >= 1.0 and target[label]["errors"] == 0)
+
+        result = {"ingress": args.ingress, "hidden": None if args.model else args.hidden, "env": {k: os.environ.get(k) for k in SERVE_ENV}, "model": model,
+                  "model_version": version, "input_shape": shape, "cpus": os.cpu_count(),
                   "seconds_per_cell": args.seconds, "cells": cells, "autoscaling": autoscale,
                   "target_c64_single_ratio": target and target["images_per_s_ratio"],
-                  "target_met": bool(target and target["images_per_s_ratio"] >= 1.0
-                                     and target["modelworks"]["errors"] == 0)}
+                  "target_met_1_replica": met("images_per_s_ratio", "modelworks"),
+                  "target_c64_single_ratio_2_replicas": target and target.get("images_per_s_ratio_2_replicas"),
+                  "target_met_2_replicas": met("images_per_s_ratio_2_replicas", "modelworks_2_replicas")}
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}; c=64 single-image images/s ratio modelworks/plain = {result['target_c64_single_ratio']}")
+        print(f"wrote {out}; c=64 single-image images/s, modelworks / plain (1 process): "
+              f"1 replica {result['target_c64_single_ratio']}, 2 replicas {result['target_c64_single_ratio_2_replicas']}")
         return 0
     finally:
-        plain.terminate()
-        plain.wait(timeout=10)
+        for p in plains:
+            p.terminate()
+            p.wait(timeout=10)
         try:
             serve.shutdown()
         except Exception:  # noqa: BLE001

@@ -25,6 +25,9 @@ def ray_local():
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     os.environ["MODELWORKS_PROGRESS"] = "0"
+    from modelworks.serve import apply_serve_env
+
+    apply_serve_env(local=True)  # the serve tests run against the ingress `modelworks serve` uses
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

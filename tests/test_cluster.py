@@ -197,6 +197,19 @@ def test_rayservice_serve_config_parses_and_has_applications():
         yaml.safe_load(broken)
 
 
+def test_rayservice_nodes_start_with_the_fast_serve_ingress():
+    """Serve reads its ingress mode when the node starts: the RayService containers must carry SERVE_ENV."""
+    from modelworks.serve import SERVE_ENV
+
+    services = [doc for _, doc in kuberay_docs() if doc["kind"] == "RayService"]
+    assert services
+    for doc in services:
+        for containers in _containers(doc["spec"]["rayClusterConfig"]):
+            env = {e["name"]: e.get("value") for e in containers[0].get("env", [])}
+            missing = {k: v for k, v in SERVE_ENV.items() if env.get(k) != v}
+            assert not missing, f"{doc['metadata']['name']}: container {containers[0]['name']} lacks {missing}"
+
+
 # ------------------------------------------------------------------------------------- security of the specs
 def _containers(spec: dict):
     yield spec["headGroupSpec"]["template"]["spec"]["containers"]

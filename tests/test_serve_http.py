@@ -293,6 +293,33 @@ def test_load_shedding_503_when_queue_full(served):
         serve.delete("shed")
 
 
+def test_request_timeout_answers_503_and_the_app_keeps_serving(served):
+    from ray import serve
+
+    from modelworks.serve.app import build
+
+    # A lone request waits 2 s for a batch of 4 that never fills; the 0.3 s request timeout ends it first.
+    cfg = ServeConfig(max_batch_size=4, batch_wait_timeout_s=2.0, request_timeout_s=0.3, min_replicas=1,
+                      max_replicas=1)
+    serve.run(build("digits@1", served["reg"].uri, cfg), name="slow", route_prefix="/slow", blocking=False)
+    try:
+        t0 = time.perf_counter()
+        r = post(served["url"] + "/slow/predict", {"input": [0.0] * 64})
+        elapsed = time.perf_counter() - t0
+        assert r.status_code == 503, r.text
+        assert r.json()["field"] == "request" and "timed out after 0.3s" in r.json()["error"]
+        assert elapsed < 1.5, elapsed  # answered at the timeout, not after the 2 s batch wait
+        # The abandoned request still holds its batch slot until that batch's wait ends (Serve drops cancelled
+        # requests when the batch forms); after that, four at once fill a batch and are answered at once.
+        time.sleep(max(0.0, 2.5 - elapsed))
+        with ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(lambda _: post(served["url"] + "/slow/predict", {"input": [0.0] * 64}).status_code,
+                                  range(4)))
+        assert codes == [200] * 4, codes
+    finally:
+        serve.delete("slow")
+
+
 def test_serve_build_config_deploys(served, tmp_path):
     """The file `serve build` writes is a valid Serve config whose import path builds a working app."""
     from ray import serve

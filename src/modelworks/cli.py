@@ -56,7 +56,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"test accuracy: {result.test_accuracy:.4f}")
         print(f"report: {result.report}")
         print(f"run:    {result.run_dir}")
+    if args.serve:
+        serve_result(cfg, result, args)
     return 0
+
+
+def serve_result(cfg, result, args: argparse.Namespace) -> None:
+    """The workflow's last step with --serve: deploy the version this run registered (the workflow's
+    `serve` section configures it) and serve until Ctrl-C / SIGTERM, like `modelworks serve`."""
+    if not result.model:
+        raise UserError("--serve: this run registered no model (registry.enabled is false), so there is "
+                        "nothing to serve")
+    from modelworks.serve import deploy_workflow_model
+    from modelworks.serve.cli import announce, catch_sigterm, serve_until_stopped
+
+    stop = catch_sigterm()  # Ray is up: the workflow ran on it
+    info = deploy_workflow_model(cfg, result.model, host=args.host, port=args.port)
+    announce(info, cfg.serve)
+    serve_until_stopped(info["app"], stop)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -102,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, help="training workers (train.workers)")
     run.add_argument("--gpu", action="store_true", help="train on GPUs (train.use_gpu)")
     run.add_argument("--json", action="store_true", help="last stdout line is a JSON summary")
+    run.add_argument("--serve", action="store_true",
+                     help="then serve the registered version (Ray Serve, the workflow's serve section) until Ctrl-C")
+    run.add_argument("--host", default="127.0.0.1", help="with --serve: address to bind (default 127.0.0.1)")
+    run.add_argument("--port", type=int, default=8000, help="with --serve: HTTP port (default 8000)")
     run.set_defaults(func=cmd_run)
 
     models = sub.add_parser("models", help="the model registry")

@@ -20,6 +20,7 @@ from modelworks.config import WorkflowConfig
 from modelworks.data import preprocess, sources
 from modelworks.errors import UserError
 from modelworks.evaluate import evaluate_checkpoint
+from modelworks.serve import apply_serve_env
 
 
 @dataclass
@@ -44,6 +45,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     # Train V2's controller picks up each epoch's report on its poll; the 2 s default adds ~2 s per epoch.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # A workflow that deploys its model (`run --serve`) gets Serve's fast ingress (see modelworks/serve).
+    apply_serve_env(local=not os.environ.get("RAY_ADDRESS"))
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
     else:

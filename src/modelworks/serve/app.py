@@ -169,8 +169,9 @@ class ModelServer:
 
     async def _infer(self, x: np.ndarray) -> tuple[Served, np.ndarray]:
         try:
-            served, probs = await asyncio.wait_for(self.infer_batch(x), timeout=self.cfg.request_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.cfg.request_timeout_s):  # no extra task per request (wait_for makes one)
+                served, probs = await self.infer_batch(x)
+        except TimeoutError:
             raise InputError(503, "request", f"timed out after {self.cfg.request_timeout_s}s (server busy)",
                              "a retry later") from None
         ok = schemas.finite_rows(probs)
@@ -342,6 +343,7 @@ def deployment_options(cfg: ServeConfig, model: str, registry: str) -> dict:
             "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
         },
         "user_config": {"model": model, "registry": registry},
+        "logging_config": {"enable_access_log": cfg.access_log},
         "ray_actor_options": {"num_cpus": cfg.replica_cpus},
         "graceful_shutdown_timeout_s": max(5.0, cfg.request_timeout_s),
         "health_check_period_s": 2.0,

@@ -10,7 +10,7 @@ import argparse
 import json
 import signal
 import sys
-import time
+import threading
 
 from modelworks.errors import UserError
 
@@ -55,28 +55,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"rolled out {info['model']} (version {info['version']}) to application '{info['app']}'")
         return 0
     cfg = serve_config_from_args(args)
+    runner.verify_model(args.model, args.registry)  # a bad model reference fails before Ray starts
+    runner.connect()
+    stop = catch_sigterm()
     info = runner.start(args.model, registry=args.registry, serve_config=cfg, host=args.host, port=args.port,
                         app_name=args.app)
+    announce(info, cfg)
+    if not args.detach:
+        serve_until_stopped(info["app"], stop)
+    return 0
+
+
+def announce(info: dict, cfg) -> None:
     print(f"serving {info['model']} (version {info['version']}) at {info['url']}  "
           f"[docs: {info['url']}/docs, replicas {cfg.min_replicas}..{cfg.max_replicas}]", flush=True)
-    if args.detach:
-        return 0
-    stop = {"now": False}
 
-    def _stop(*_):
-        stop["now"] = True
 
-    signal.signal(signal.SIGTERM, _stop)
+def catch_sigterm() -> threading.Event:
+    """SIGTERM sets the returned event. Install it after Ray is up (ray.init sets its own handler) and before
+    Serve starts, so a SIGTERM while the app deploys is a clean stop, not Ray's abort."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
+
+
+def serve_until_stopped(app_name: str, stop: threading.Event) -> None:
+    """Block until Ctrl-C or SIGTERM, then delete the application (what `modelworks serve` and
+    `modelworks run --serve` do after starting it)."""
     try:
-        while not stop["now"]:
-            time.sleep(0.5)
+        while not stop.wait(0.5):
+            pass
     except KeyboardInterrupt:
         pass
     from ray import serve
 
-    serve.delete(info["app"])
+    serve.delete(app_name)
     print("stopped", file=sys.stderr)
-    return 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """`modelworks serve build MODEL -o serve_config.yaml`: a Serve config file that `serve deploy` accepts.
 
 The same file is the ``serveConfigV2`` of the KubeRay RayService in ``cluster/``. It binds 127.0.0.1
-unless a host is given (a config file left alone would default to 0.0.0.0).
+unless a host is given (a config file left alone would default to 0.0.0.0). The cluster's nodes should start
+with ``modelworks.serve.SERVE_ENV`` in their environment (Serve's fast HAProxy ingress; cluster/ sets it).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def build_config(model: str, *, registry: str, serve_config: ServeConfig, host: 
         "max_queued_requests": opts["max_queued_requests"],
         "autoscaling_config": opts["autoscaling_config"],
         "user_config": opts["user_config"],
+        "logging_config": opts["logging_config"],
         "ray_actor_options": opts["ray_actor_options"],
         "graceful_shutdown_timeout_s": opts["graceful_shutdown_timeout_s"],
         "health_check_period_s": opts["health_check_period_s"],

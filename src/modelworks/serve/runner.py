@@ -8,6 +8,7 @@ from pathlib import Path
 from modelworks.config import ServeConfig
 from modelworks.errors import UserError
 from modelworks.registry import Registry, default_root, home
+from modelworks.serve import apply_serve_env
 
 
 def _state_path(app_name: str) -> Path:
@@ -28,6 +29,8 @@ def connect(start_local: bool = True) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    # Only takes effect for a Ray started here; a cluster needs SERVE_ENV in its nodes' environment.
+    apply_serve_env(local=not address and start_local)
     if address:
         ray.init(address=address, log_to_driver=False)
     elif start_local:

@@ -21,6 +21,7 @@ import binascii
 import io
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -59,11 +60,12 @@ class InputSpec:
     max_inputs: int
     pixel_scale: float = 1.0      # PNG pixels are 0..255; digits were trained on 0..16
 
-    @property
+    @cached_property  # both are read on every request: computed once per served model
     def dim(self) -> int:
         return int(np.prod(self.input_shape))
 
-    def describe(self) -> str:
+    @cached_property
+    def description(self) -> str:
         shape = "x".join(map(str, self.input_shape))
         forms = f"{self.dim} numbers"
         if len(self.input_shape) > 1:
@@ -169,7 +171,7 @@ def _check_finite(arr: np.ndarray, field: str, expected: str, sub_shape: tuple[i
 
 
 def _decode_png(text: str, field: str, spec: InputSpec) -> np.ndarray:
-    expected = spec.describe()
+    expected = spec.description
     if len(spec.input_shape) != 2:
         raise InputError(422, field, "got a string, but this model takes numbers only", expected)
     if len(text) > MAX_PNG_CHARS:
@@ -199,7 +201,7 @@ def _decode_png(text: str, field: str, spec: InputSpec) -> np.ndarray:
 
 def _one_input(value: Any, field: str, spec: InputSpec) -> np.ndarray:
     """One input -> float32 (D,)."""
-    expected = spec.describe()
+    expected = spec.description
     if isinstance(value, str):
         return _decode_png(value, field, spec)
     arr = _numeric_array(value, field, expected)
@@ -227,7 +229,7 @@ def parse_predict(body: Any, spec: InputSpec, raw: bytes | None = None) -> np.nd
     if "input" in body:
         return _one_input(body["input"], "input", spec)[None, :]
     items = body["inputs"]
-    expected = f"a list of 1..{spec.max_inputs} inputs, each {spec.describe()}"
+    expected = f"a list of 1..{spec.max_inputs} inputs, each {spec.description}"
     if not isinstance(items, list):
         raise InputError(422, "inputs", f"is a {type(items).__name__}, not a list", expected)
     if not items:
@@ -241,7 +243,7 @@ def parse_predict(body: Any, spec: InputSpec, raw: bytes | None = None) -> np.nd
         except (ValueError, TypeError, OverflowError, RecursionError):
             arr = None
         if arr is not None and arr.dtype.kind in "iuf" and arr.shape[1:] in ((spec.dim,), spec.input_shape):
-            _check_finite(arr, "inputs", spec.describe())
+            _check_finite(arr, "inputs", spec.description)
             return arr.astype(np.float32).reshape(len(items), spec.dim)
     return np.stack([_one_input(v, f"inputs[{i}]", spec) for i, v in enumerate(items)])
 

@@ -2,8 +2,8 @@
 
 ``register_digits`` trains the digits MLP (8x8 inputs, 0..16 pixel scale) in-process on scikit-learn's
 digits for a few hundred full-batch steps and registers it through the normal checkpoint + registry path
-(checksums and all). ``register_mnist_shaped`` registers the seed's 784-256-128-10 MLP with random weights:
-a stand-in for throughput measurements when no trained MNIST model is in the registry.
+(checksums and all). ``register_mnist_shaped`` registers the seed's 784-256-128-10 MLP (or wider ``hidden``
+layers) with random weights: a stand-in for throughput measurements when no trained MNIST model is registered.
 """
 from __future__ import annotations
 
@@ -17,15 +17,9 @@ from modelworks import checkpoint
 from modelworks.data.preprocess import Preprocessor
 from modelworks.models import build_model
 from modelworks.registry import Registry
+from modelworks.serve import free_port  # noqa: F401 - tests and benchmarks bind free ports, never 8000
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (tests and benchmarks bind their servers there, never to 8000)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def digits_data() -> tuple[np.ndarray, np.ndarray]:
@@ -65,10 +59,11 @@ def register_digits(reg: Registry, name: str = "digits", *, steps: int = 300, se
     return _register(reg, name, model, spec, pre, metrics, config, aliases)
 
 
-def register_mnist_shaped(reg: Registry, name: str = "mnist-bench", seed: int = 0, aliases=("latest",)) -> int:
+def register_mnist_shaped(reg: Registry, name: str = "mnist-bench", seed: int = 0, aliases=("latest",),
+                          hidden=(256, 128)) -> int:
     torch.manual_seed(seed)
     pre = Preprocessor([28, 28], 33.3, 78.6, list(range(10)), [str(i) for i in range(10)])
-    spec = {"name": "mlp", "input_dim": 784, "num_classes": 10, "hidden_sizes": [256, 128], "dropout": 0.0}
+    spec = {"name": "mlp", "input_dim": 784, "num_classes": 10, "hidden_sizes": list(hidden), "dropout": 0.0}
     model = build_model(spec).eval()
     metrics = {"val_accuracy": 0.0, "test_accuracy": 0.0, "epoch": 0, "note": "random weights (benchmark stand-in)"}
     return _register(reg, name, model, spec, pre, metrics, {"name": name, "data": {"source": "idx"}}, aliases)
