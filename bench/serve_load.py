@@ -198,8 +198,6 @@ def main() -> int:
     if args.ingress == "proxy":  # Serve's default ingress, for comparison
         os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="0", RAY_SERVE_THROUGHPUT_OPTIMIZED="0")
     apply_serve_env(local=True)  # what `modelworks serve` runs with
-    # HAProxy's default of 4 threads only adds contention on a 2-core machine.
-    os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", "1")
     import ray
     from ray import serve
 

@@ -320,6 +320,24 @@ def test_request_timeout_answers_503_and_the_app_keeps_serving(served):
         serve.delete("slow")
 
 
+@pytest.mark.slow
+def test_cli_serve_until_sigterm(served, tmp_path):
+    """`modelworks serve MODEL --port P` in its own process: announces the URL, serves, stops on SIGTERM."""
+    from tests.cli_process import CliProcess
+
+    port = free_port()
+    with CliProcess("serve", "digits@2", "--registry", served["reg"].uri, "--port", str(port),
+                    env={"MODELWORKS_HOME": str(tmp_path / "home")}) as cli:
+        cli.wait_for_line(f"serving digits@2 (version 2) at http://127.0.0.1:{port}", timeout=180)
+        x = served["x"]
+        r = post(f"http://127.0.0.1:{port}/predict", {"inputs": x[:10].tolist()})
+        assert r.status_code == 200 and r.json()["model_version"] == 2
+        assert [p["label"] for p in r.json()["predictions"]] == expected_labels(served, 2, x[:10])
+        assert cli.terminate() == 0, cli.output[-3000:]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
 def test_serve_build_config_deploys(served, tmp_path):
     """The file `serve build` writes is a valid Serve config whose import path builds a working app."""
     from ray import serve

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -118,26 +117,13 @@ def test_run_with_serve_deploys_the_version_it_registered(modelworks_home):
     """`modelworks run WORKFLOW --serve`: train, evaluate, register, then serve that version until SIGTERM."""
     import requests
 
-    from modelworks.serve import LOCAL_PORT_VARS
     from modelworks.serve.testing import digits_data, free_port
+    from tests.cli_process import CliProcess
 
     port = free_port()
-    # A second private Ray on this machine: it must pick its own Serve side ports, not this session's.
-    env = {k: v for k, v in os.environ.items() if k not in LOCAL_PORT_VARS}
-    proc = subprocess.Popen([sys.executable, "-m", "modelworks.cli", "run", str(REPO / "workflows/digits.py"),
-                             "--set", "train.epochs=3", "--serve", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**env, "MODELWORKS_PROGRESS": "0"}, start_new_session=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        deadline = time.time() + 400
-        banner = f"serving digits@1 (version 1) at http://127.0.0.1:{port}"
-        while not any(line.startswith(banner) for line in lines):  # the CLI says when it serves
-            assert proc.poll() is None, "".join(lines)[-3000:]
-            assert time.time() < deadline, "not serving within 400 s"
-            time.sleep(0.5)
+    with CliProcess("run", str(REPO / "workflows/digits.py"), "--set", "train.epochs=3", "--serve", "--port",
+                    str(port), env={"MODELWORKS_PROGRESS": "0"}) as cli:
+        cli.wait_for_line(f"serving digits@1 (version 1) at http://127.0.0.1:{port}", timeout=400)
         x, y = digits_data()
         r = requests.post(f"http://127.0.0.1:{port}/predict", json={"inputs": x[:100].tolist()}, timeout=30)
         assert r.status_code == 200, r.text
@@ -145,18 +131,10 @@ def test_run_with_serve_deploys_the_version_it_registered(modelworks_home):
         assert (body["model"], body["model_version"]) == ("digits", 1)
         labels = np.array([int(p["label"]) for p in body["predictions"]])
         assert (labels == y[:100]).mean() >= 0.85
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-        reader.join(timeout=10)
-        out = "".join(lines)
-        assert proc.returncode == 0, out[-3000:]
-        assert "stopped" in out
+        assert cli.terminate() == 0, cli.output[-3000:]
+        assert "stopped" in cli.output
         with pytest.raises(requests.ConnectionError):  # the app and its Ray are gone
             requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_cli_corrupt_data_is_one_clear_line(tmp_path, modelworks_home):
