@@ -320,6 +320,33 @@ def test_request_timeout_answers_503_and_the_app_keeps_serving(served):
         serve.delete("slow")
 
 
+def test_access_log_lines_only_when_asked(served):
+    import ray
+    from ray import serve
+
+    from modelworks.serve.app import build
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+
+    def access_lines(app: str) -> list[str]:
+        return [ln for f in logs.glob(f"replica_{app}_*.log") for ln in f.read_text().splitlines()
+                if "/predict" in ln and " 200 " in ln]
+
+    assert post(served["url"] + "/predict", {"input": [0.0] * 64}).status_code == 200
+    assert access_lines("digits") == []  # the module's app runs with the default, access_log=false
+    cfg = ServeConfig(access_log=True, min_replicas=1, max_replicas=1, alias_poll_s=0)
+    serve.run(build("digits@1", served["reg"].uri, cfg), name="logged", route_prefix="/logged", blocking=False)
+    try:
+        for _ in range(3):
+            assert post(served["url"] + "/logged/predict", {"input": [0.0] * 64}).status_code == 200
+        deadline = time.time() + 10
+        while len(access_lines("logged")) < 3 and time.time() < deadline:
+            time.sleep(0.2)
+        assert len(access_lines("logged")) == 3, access_lines("logged")
+    finally:
+        serve.delete("logged")
+
+
 @pytest.mark.slow
 def test_cli_serve_until_sigterm(served, tmp_path):
     """`modelworks serve MODEL --port P` in its own process: announces the URL, serves, stops on SIGTERM."""

@@ -150,7 +150,7 @@ class ServeConfig(_Strict):
     downscale_delay_s: float = Field(30.0, ge=0)
     replica_cpus: float = Field(0.5, gt=0, description="CPUs reserved per replica (2 replicas fit in 1 CPU)")
     alias_poll_s: float = Field(2.0, ge=0, description="replicas serving NAME@ALIAS re-resolve it this often; 0 = never")
-    access_log: bool = Field(False, description="one log line per request in the replica's log; costs ~5 % of "
+    access_log: bool = Field(False, description="one log line per request in the replica's log; costs 5-15 % of "
                                                 "a replica's throughput (bench/serve_load.py), errors are logged anyway")
 
     @model_validator(mode="after")
