@@ -251,7 +251,7 @@ def main() -> int:
 
         def run_cells(servers: dict[str, int]) -> None:
             for port in servers.values():  # warm up
-                asyncio.run(closed_loop(port, "/predict", bodies[1], 4, 1.5, 2000))
+                asyncio.run(closed_loop(port, "/predict", bodies[min(bodies)], 4, 1.5, 2000))
             for (n, c), row in cells.items():
                 for label, port in servers.items():
                     r = asyncio.run(closed_loop(port, "/predict", bodies[n], c, args.seconds, args.max_requests))
@@ -294,7 +294,7 @@ def main() -> int:
             t0 = time.time()
 
             async def load_and_watch():
-                task = asyncio.create_task(closed_loop(serve_port, "/predict", bodies[1], 64, 25, 10**9))
+                task = asyncio.create_task(closed_loop(serve_port, "/predict", bodies[min(bodies)], 64, 25, 10**9))
                 while not task.done():
                     timeline.append((round(time.time() - t0, 1), running_replicas("bench"), "load"))
                     await asyncio.sleep(1)
