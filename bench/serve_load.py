@@ -161,14 +161,6 @@ def wait_http(port: int, path: str, timeout: float = 60) -> None:
     raise RuntimeError(f"server on port {port} did not come up")
 
 
-
-
-def running_replicas(app: str) -> int:
-    from ray import serve
-
-    return serve.status().applications[app].deployments["ModelServer"].replica_states.get("RUNNING", 0)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="registered model (default: register an MNIST-shaped stand-in)")
@@ -218,7 +210,7 @@ def main() -> int:
     shape = list(loaded.preprocessor.input_shape)
     dim = int(np.prod(shape))
 
-    from modelworks.serve.testing import free_port
+    from modelworks.serve.testing import free_port, running_replicas
 
     plain_port, plain2_port, serve_port = free_port(), free_port(), free_port()
     scaled = not args.no_scaled and (os.cpu_count() or 1) >= 2

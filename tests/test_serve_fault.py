@@ -11,11 +11,9 @@ import requests
 
 from modelworks.config import ServeConfig
 from modelworks.registry import Registry
-from modelworks.serve.testing import digits_data, free_port, register_digits
+from modelworks.serve.testing import digits_data, free_port, register_digits, running_replicas
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +26,6 @@ def cluster(ray_local, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield {"url": f"http://127.0.0.1:{port}", "reg": reg}
     serve.shutdown()
-
-
-def running_replicas(app: str) -> int:
-    from ray import serve
-
-    dep = serve.status().applications[app].deployments["ModelServer"]
-    return dep.replica_states.get("RUNNING", 0)
 
 
 class Load:

@@ -23,8 +23,6 @@ from modelworks.serve.testing import digits_data, free_port, register_digits
 pytestmark = pytest.mark.ray
 
 
-
-
 @pytest.fixture(scope="module")
 def served(ray_local, tmp_path_factory):
     from ray import serve

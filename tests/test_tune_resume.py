@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from modelworks.tune import read_attempts
+
 REPO = Path(__file__).resolve().parents[1]
 MODELWORKS = Path(sys.executable).with_name("modelworks")
 ARGS = [str(REPO / "workflows" / "digits.py"), "--set", "search.num_samples=4", "--set", "search.max_epochs=4",
@@ -21,15 +23,8 @@ ARGS = [str(REPO / "workflows" / "digits.py"), "--set", "search.num_samples=4", 
 
 
 def _events(search_dir: Path) -> dict[str, list[dict]]:
-    out = {}
-    for f in sorted((search_dir / "attempts").glob("*.jsonl")):
-        out[f.stem] = []
-        for x in f.read_text().splitlines():
-            try:
-                out[f.stem].append(json.loads(x))
-            except ValueError:  # a line being written by a running trial
-                pass
-    return out
+    """Each trial's events so far (a line a running trial is writing is skipped)."""
+    return {f.stem: read_attempts(f) for f in sorted((search_dir / "attempts").glob("*.jsonl"))}
 
 
 def _search_dir(home: Path) -> Path | None:

@@ -7,6 +7,8 @@ import importlib.util
 import json
 import os
 import sys
+import threading
+
 from modelworks.errors import UserError
 
 
@@ -70,8 +72,9 @@ def serve_result(cfg, result, args: argparse.Namespace) -> None:
     from modelworks.serve import deploy_workflow_model
     from modelworks.serve.cli import announce, catch_sigterm, serve_until_stopped
 
-    stop = catch_sigterm()  # Ray is up: the workflow ran on it
-    info = deploy_workflow_model(cfg, result.model, host=args.host, port=args.port)
+    stop = threading.Event()
+    info = deploy_workflow_model(cfg, result.model, host=args.host, port=args.port,
+                                 on_connected=lambda: catch_sigterm(stop))
     announce(info, cfg.serve)
     serve_until_stopped(info["app"], stop)
 

@@ -244,6 +244,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def attempts_path(search_dir: Path, trial_id: str) -> Path:
+    """Each trial's own log of events (start, epoch, end, ...), one JSON object a line."""
+    return search_dir / "attempts" / f"{trial_id}.jsonl"
+
+
+def read_attempts(path: Path) -> list[dict]:
+    """The events in one attempts file, in order; a half-written line (being written now, or left by a
+    killed process) is skipped."""
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
+
+
 def peers_behind(search_dir: Path, session: str, me: str, epoch: int) -> list[str]:
     """Trials of this driver session that are running (started, not ended, process alive) and have not yet
     reported `epoch`. Trials not started yet (beyond the concurrency cap) are not waited for."""
@@ -255,11 +274,7 @@ def peers_behind(search_dir: Path, session: str, me: str, epoch: int) -> list[st
         started = ended = False
         pid = host = None
         reached = 0
-        for line in f.read_text().splitlines():
-            try:
-                e = json.loads(line)
-            except ValueError:  # a line being written
-                continue
+        for e in read_attempts(f):
             if e["event"] == "epoch":
                 reached = max(reached, e["epoch"])
             elif e.get("session") == session:
@@ -324,20 +339,11 @@ def _trainable_class():
                                    "session": session})
 
         def _has_ended(self) -> bool:
-            path = self.search_dir / "attempts" / f"{self.trial_id}.jsonl"
-            if not path.is_file():
-                return False
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line)["event"] == "end":
-                        return True
-                except (ValueError, KeyError):  # a half-written line from a killed process
-                    continue
-            return False
+            return any(e.get("event") == "end" for e in read_attempts(attempts_path(self.search_dir, self.trial_id)))
 
         # -- bookkeeping visible to the trial table and to resume checks
         def _log_attempt(self, record: dict) -> None:
-            path = self.search_dir / "attempts" / f"{self.trial_id}.jsonl"
+            path = attempts_path(self.search_dir, self.trial_id)
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as f:
                 f.write(json.dumps({"time": time.time(), **record}) + "\n")
@@ -551,8 +557,7 @@ def _trial_table(results, search_dir: Path, epochs_max: int) -> list[dict]:
             history = [(int(e), float(a)) for e, a in zip(df["epoch"], df["val_accuracy"])]
         epochs = max((e for e, _ in history), default=0)
         best_e, best_a = max(history, key=lambda t: (t[1], -t[0])) if history else (0, float("nan"))
-        attempts_file = search_dir / "attempts" / f"{trial_id}.jsonl"
-        events = [json.loads(x) for x in attempts_file.read_text().splitlines()] if attempts_file.is_file() else []
+        events = read_attempts(attempts_path(search_dir, trial_id))
         status = "error" if r.error else ("completed" if epochs >= epochs_max else "stopped")
         rows.append({
             "trial_id": trial_id, "status": status, "epochs": epochs,

@@ -55,11 +55,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"rolled out {info['model']} (version {info['version']}) to application '{info['app']}'")
         return 0
     cfg = serve_config_from_args(args)
-    runner.verify_model(args.model, args.registry)  # a bad model reference fails before Ray starts
-    runner.connect()
-    stop = catch_sigterm()
+    stop = threading.Event()
     info = runner.start(args.model, registry=args.registry, serve_config=cfg, host=args.host, port=args.port,
-                        app_name=args.app)
+                        app_name=args.app, on_connected=lambda: catch_sigterm(stop))
     announce(info, cfg)
     if not args.detach:
         serve_until_stopped(info["app"], stop)
@@ -71,12 +69,10 @@ def announce(info: dict, cfg) -> None:
           f"[docs: {info['url']}/docs, replicas {cfg.min_replicas}..{cfg.max_replicas}]", flush=True)
 
 
-def catch_sigterm() -> threading.Event:
-    """SIGTERM sets the returned event. Install it after Ray is up (ray.init sets its own handler) and before
-    Serve starts, so a SIGTERM while the app deploys is a clean stop, not Ray's abort."""
-    stop = threading.Event()
+def catch_sigterm(stop: threading.Event) -> None:
+    """SIGTERM sets ``stop``. Install it after Ray is up (ray.init sets its own handler) and before Serve
+    starts, so a SIGTERM while the app deploys is a clean stop, not Ray's abort."""
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    return stop
 
 
 def serve_until_stopped(app_name: str, stop: threading.Event) -> None:

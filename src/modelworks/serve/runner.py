@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from modelworks.config import ServeConfig
 from modelworks.errors import UserError
@@ -44,8 +45,12 @@ def connect(start_local: bool = True) -> None:
 
 
 def start(model: str, *, registry: str | None = None, serve_config: ServeConfig | None = None,
-          host: str = "127.0.0.1", port: int = 8000, app_name: str | None = None) -> dict:
-    """Deploy ``model`` as application ``app_name`` (default: the model name) on route ``/``."""
+          host: str = "127.0.0.1", port: int = 8000, app_name: str | None = None,
+          on_connected: Callable[[], None] | None = None) -> dict:
+    """Deploy ``model`` as application ``app_name`` (default: the model name) on route ``/``.
+
+    ``on_connected`` runs once Ray is up and before Serve starts (the CLI installs its SIGTERM handler there:
+    ray.init sets its own, and a SIGTERM while the app deploys must be a clean stop)."""
     from ray import serve
 
     from modelworks.serve.app import build
@@ -57,6 +62,8 @@ def start(model: str, *, registry: str | None = None, serve_config: ServeConfig 
     name, version = verify_model(model, registry)
     app_name = app_name or name
     connect()
+    if on_connected is not None:
+        on_connected()
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.request_timeout_s})
     serve.run(build(model, registry, cfg), name=app_name, route_prefix="/", blocking=False)
     state = {"model": model, "registry": registry, "serve": cfg.model_dump(mode="json"), "host": host,

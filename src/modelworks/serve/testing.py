@@ -20,8 +20,6 @@ from modelworks.registry import Registry
 from modelworks.serve import free_port  # noqa: F401 - tests and benchmarks bind free ports, never 8000
 
 
-
-
 def digits_data() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
@@ -67,3 +65,12 @@ def register_mnist_shaped(reg: Registry, name: str = "mnist-bench", seed: int = 
     model = build_model(spec).eval()
     metrics = {"val_accuracy": 0.0, "test_accuracy": 0.0, "epoch": 0, "note": "random weights (benchmark stand-in)"}
     return _register(reg, name, model, spec, pre, metrics, {"name": name, "data": {"source": "idx"}}, aliases)
+
+
+def running_replicas(app: str) -> int:
+    """RUNNING replicas of the ModelServer deployment of Serve application ``app``."""
+    from ray import serve
+
+    from modelworks.serve.app import DEPLOYMENT
+
+    return serve.status().applications[app].deployments[DEPLOYMENT].replica_states.get("RUNNING", 0)
