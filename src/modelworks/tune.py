@@ -26,7 +26,6 @@ import queue
 import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from typing import Any, Callable
 from modelworks.config import WorkflowConfig, validate
 from modelworks.errors import UserError
 
+POINTER = "epoch_checkpoint.json"  # what a trial's Tune checkpoint holds: the path of its epoch checkpoint
 TRIAL_TABLE_COLUMNS = ("trial_id", "status", "epochs", "best_val_accuracy", "best_epoch", "last_val_accuracy",
                        "attempts", "seconds", "started_at", "ended_at")
 
@@ -277,6 +277,8 @@ def peers_behind(search_dir: Path, session: str, me: str, epoch: int) -> list[st
         for e in read_attempts(f):
             if e["event"] == "epoch":
                 reached = max(reached, e["epoch"])
+            elif e["event"] == "resume":  # went on from this epoch's checkpoint
+                reached = max(reached, e["from_epoch"])
             elif e.get("session") == session:
                 if e["event"] == "start":
                     started, ended, pid, host = True, False, e.get("pid"), e.get("host")
@@ -320,7 +322,11 @@ def _trainable_class():
             self.cfg = trial_config(WorkflowConfig.model_validate(base), config)
             self.pre_json, self.datasets, self.plan = pre_json, datasets, TrialPlan(**plan)
             self.search_dir = Path(search_dir)
-            self.staging = Path(tempfile.mkdtemp(prefix=f"mw-trial-{self.trial_id}-"))
+            # This trial's epoch checkpoints (checkpoint_epoch=N, complete ones carry sha256sums), kept on the
+            # storage path by the trial itself, so a resume finds the newest one whatever Tune's saved state
+            # says (tune_state.py); Tune's own checkpoint only points at one of them.
+            self.run_dir = (self.search_dir / "train" / self.trial_id if self.cfg.train.workers > 1
+                            else self.search_dir / self.trial_id)
             self.latest: Path | None = None        # newest epoch checkpoint directory
             self.last_metrics: dict | None = None
             self.resume_dir: str | None = None
@@ -338,6 +344,21 @@ def _trainable_class():
                 self._log_attempt({"event": "start", "pid": os.getpid(), "host": socket.gethostname(),
                                    "session": session})
 
+        def _adopt_newest(self) -> None:
+            """Continue from the newest complete checkpoint this trial wrote, if Tune restored an older one."""
+            from modelworks import train
+
+            done = train.list_checkpoints(self.run_dir)
+            if done and done[-1][0] > (self.last_metrics or {}).get("epoch", 0):
+                self._adopt(done[-1][1])
+
+        def _adopt(self, ckpt: Path) -> None:
+            self.latest = ckpt
+            self.last_metrics = {k: v for k, v in json.loads((ckpt / "metrics.json").read_text()).items()
+                                 if k != "history"}
+            if self.cfg.train.workers == 1:  # (a TorchTrainer resumes from its own run directory)
+                self.resume_dir = str(ckpt)
+
         def _has_ended(self) -> bool:
             return any(e.get("event") == "end" for e in read_attempts(attempts_path(self.search_dir, self.trial_id)))
 
@@ -345,8 +366,11 @@ def _trainable_class():
         def _log_attempt(self, record: dict) -> None:
             path = attempts_path(self.search_dir, self.trial_id)
             path.parent.mkdir(parents=True, exist_ok=True)
+            line = json.dumps({"time": time.time(), **record}) + "\n"
+            if path.is_file() and not path.read_bytes().endswith(b"\n") and path.stat().st_size:
+                line = "\n" + line  # an attempt killed mid-line: start afresh, or this record is glued to it
             with path.open("a") as f:
-                f.write(json.dumps({"time": time.time(), **record}) + "\n")
+                f.write(line)
 
         def _loop_config(self) -> dict:
             return {"config": self.cfg.model_dump(mode="json"), "preprocessor": self.pre_json,
@@ -355,9 +379,13 @@ def _trainable_class():
         # -- 1 worker: the loop in this process, lock-step with Tune
         def _on_report(self, metrics, checkpoint, dir_name) -> None:
             target = None
-            if checkpoint is not None:  # train_loop deletes its temp dir after report: copy it now
-                target = self.staging / (dir_name or f"checkpoint_epoch={metrics['epoch']}")
-                shutil.copytree(checkpoint.path, target, dirs_exist_ok=True)
+            if checkpoint is not None:  # train_loop deletes its temp dir after report: persist it now
+                target = self.run_dir / (dir_name or f"checkpoint_epoch={metrics['epoch']}")
+                tmp = self.run_dir / f".tmp-{target.name}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(checkpoint.path, tmp)
+                shutil.rmtree(target, ignore_errors=True)  # an epoch trained again after a resume
+                tmp.rename(target)  # whole or absent, never half-written
             self.to_tune.put(("report", dict(metrics), target))
             if self.to_train.get() == "stop":
                 raise _Stopped()
@@ -416,6 +444,10 @@ def _trainable_class():
                 time.sleep(0.2)
 
         def step(self):
+            if self.thread is None:
+                self._adopt_newest()
+                if self.last_metrics and not self.ended_before:
+                    self._log_attempt({"event": "resume", "from_epoch": self.last_metrics["epoch"]})
             if self.ended_before:  # restored after it had already ended: report where it stopped, run nothing
                 last = self.last_metrics or {"epoch": 0}
                 return {**{k: v for k, v in last.items() if isinstance(v, (int, float))}, "done": True}
@@ -460,22 +492,20 @@ def _trainable_class():
                 time.sleep(0.2)
 
         def save_checkpoint(self, checkpoint_dir):
-            if self.latest is not None:
-                shutil.copytree(self.latest, checkpoint_dir, dirs_exist_ok=True)
+            if self.latest is not None:  # a pointer: the checkpoint itself is already on the storage path
+                rel = os.path.relpath(self.latest, self.search_dir)
+                (Path(checkpoint_dir) / POINTER).write_text(json.dumps({"checkpoint": rel}))
             return None
 
         def load_checkpoint(self, checkpoint):
-            src = Path(checkpoint)
-            if (src / "metrics.json").is_file():
-                dst = self.staging / "restored"
-                shutil.copytree(src, dst, dirs_exist_ok=True)
-                self.resume_dir, self.latest = str(dst), dst
-                self.last_metrics = {k: v for k, v in json.loads((dst / "metrics.json").read_text()).items()
-                                     if k != "history"}
+            pointer = Path(checkpoint) / POINTER
+            if pointer.is_file():
+                ckpt = self.search_dir / json.loads(pointer.read_text())["checkpoint"]
+                if (ckpt / "metrics.json").is_file():
+                    self._adopt(ckpt)
 
         def cleanup(self):
             if self.ended_before:
-                shutil.rmtree(self.staging, ignore_errors=True)
                 return
             if self.thread is not None and self.thread.is_alive():
                 if self.cfg.train.workers == 1:
@@ -492,7 +522,6 @@ def _trainable_class():
                 self.thread.join(timeout=30)
             self._log_attempt({"event": "end", "epochs_trained": self.epochs_trained,
                                "last_epoch": (self.last_metrics or {}).get("epoch", 0)})
-            shutil.rmtree(self.staging, ignore_errors=True)
 
     return ModelworksTrial
 
@@ -551,13 +580,19 @@ def _trial_table(results, search_dir: Path, epochs_max: int) -> list[dict]:
     for r in results:
         trial_id = r.metrics.get("trial_id") if r.metrics else None
         trial_id = trial_id or Path(r.path).name
+        events = read_attempts(attempts_path(search_dir, trial_id))
+        # The history comes from the newest checkpoint the trial reported, which it wrote itself; Tune's
+        # progress log, copied in the background, may miss epochs after a killed driver.
+        saved = trial_checkpoints(Path(r.path), upto=reported_epoch(events))
         df = r.metrics_dataframe
         history = []
-        if df is not None and "epoch" in df:
+        if saved:
+            newest = json.loads((max(saved, key=_epoch_of) / "metrics.json").read_text())
+            history = [(int(h["epoch"]), float(h["val_accuracy"])) for h in newest.get("history", [])]
+        elif df is not None and {"epoch", "val_accuracy"} <= set(df.columns):
             history = [(int(e), float(a)) for e, a in zip(df["epoch"], df["val_accuracy"])]
         epochs = max((e for e, _ in history), default=0)
         best_e, best_a = max(history, key=lambda t: (t[1], -t[0])) if history else (0, float("nan"))
-        events = read_attempts(attempts_path(search_dir, trial_id))
         status = "error" if r.error else ("completed" if epochs >= epochs_max else "stopped")
         rows.append({
             "trial_id": trial_id, "status": status, "epochs": epochs,
@@ -574,13 +609,32 @@ def _trial_table(results, search_dir: Path, epochs_max: int) -> list[dict]:
     return sorted(rows, key=lambda x: x["trial_id"])
 
 
+def reported_epoch(events: list[dict]) -> int:
+    """The last epoch a trial reported to Tune (or went on from after a resume), from its attempts log."""
+    return max([e["epoch"] for e in events if e["event"] == "epoch"]
+               + [e["from_epoch"] for e in events if e["event"] == "resume"], default=0)
+
+
+def trial_checkpoints(trial_dir: Path, upto: int | None = None) -> list[Path]:
+    """A trial's complete epoch checkpoints: beside its Tune files (1 worker) or in its Train run (N workers).
+    `upto`: only epochs reported to Tune (a Train run stopped by ASHA may have written one or two more)."""
+    found = []
+    for d in (trial_dir, trial_dir.parent / "train" / trial_dir.name):
+        found += [m.parent for m in d.glob("checkpoint_*/metrics.json") if (m.parent / "sha256sums").is_file()]
+    return [c for c in found if upto is None or _epoch_of(c) <= upto]
+
+
+def _epoch_of(ckpt: Path) -> int:
+    return int(json.loads((ckpt / "metrics.json").read_text())["epoch"])
+
+
 def _best_checkpoint(rows: list[dict]) -> tuple[dict, Path]:
     """The best epoch checkpoint over all trials by validation accuracy (then lower val loss, earlier epoch)."""
     scored = []
     for row in rows:
-        for mfile in Path(row["path"]).glob("checkpoint_*/metrics.json"):
-            m = json.loads(mfile.read_text())
-            scored.append((m["val_accuracy"], -m["val_loss"], -m["epoch"], row["trial_id"], mfile.parent))
+        for ckpt in trial_checkpoints(Path(row["path"]), upto=row["epochs"]):
+            m = json.loads((ckpt / "metrics.json").read_text())
+            scored.append((m["val_accuracy"], -m["val_loss"], -m["epoch"], row["trial_id"], ckpt))
     if not scored:
         raise UserError("the search finished without any checkpoint (every trial failed?); see the trial table")
     best = max(scored, key=lambda t: t[:4])
@@ -631,7 +685,7 @@ def run_search(cfg: WorkflowConfig, *, name: str | None = None, data_dir: str | 
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from modelworks import workflow
+    from modelworks import tune_state, workflow
     from modelworks.data import preprocess, sources
     from modelworks.evaluate import evaluate_checkpoint
 
@@ -676,6 +730,7 @@ def run_search(cfg: WorkflowConfig, *, name: str | None = None, data_dir: str | 
                              session=f"{os.getpid()}-{time.time():.3f}"),
         {"cpu": plan.trial_cpus if plan.workers == 1 else DRIVER_CPUS})
     if exists:
+        tune_state.restore_mirror(search_dir)  # Tune's own copy may be torn by the kill; ours is whole
         tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
@@ -700,6 +755,7 @@ def run_search(cfg: WorkflowConfig, *, name: str | None = None, data_dir: str | 
                 stop={"epoch": epochs_max},
                 checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=None),
                 failure_config=tune.FailureConfig(max_failures=0),
+                callbacks=[tune_state.StateMirror(str(search_dir))],
                 verbose=0,
             ),
         )
