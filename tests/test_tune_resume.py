@@ -112,5 +112,5 @@ def test_killed_search_resumes_without_rerunning_finished_trials(modelworks_home
         assert [x["epoch"] for x in new if x["event"] == "epoch"] == list(range(resumed_from + 1, 5)), new
     for trial in summary["trials"]:  # every epoch of every trial kept its checkpoint
         saved = trial_checkpoints(search_dir / trial["trial_id"])
-        assert sorted(json.loads((c / "metrics.json").read_text())["epoch"] for c in saved) == [1, 2, 3, 4]
+        assert sorted(json.loads((c / "metrics.json").read_text())["epoch"] for _, c in saved) == [1, 2, 3, 4]
     assert summary["test_accuracy"] > 0.8 and summary["model"].startswith("digits@")

@@ -35,7 +35,6 @@ from typing import Any, Callable
 from modelworks.config import WorkflowConfig, validate
 from modelworks.errors import UserError
 
-POINTER = "epoch_checkpoint.json"  # what a trial's Tune checkpoint holds: the path of its epoch checkpoint
 TRIAL_TABLE_COLUMNS = ("trial_id", "status", "epochs", "best_val_accuracy", "best_epoch", "last_val_accuracy",
                        "attempts", "seconds", "started_at", "ended_at")
 
@@ -273,13 +272,10 @@ def peers_behind(search_dir: Path, session: str, me: str, epoch: int) -> list[st
             continue
         started = ended = False
         pid = host = None
-        reached = 0
-        for e in read_attempts(f):
-            if e["event"] == "epoch":
-                reached = max(reached, e["epoch"])
-            elif e["event"] == "resume":  # went on from this epoch's checkpoint
-                reached = max(reached, e["from_epoch"])
-            elif e.get("session") == session:
+        events = read_attempts(f)
+        reached = reported_epoch(events)
+        for e in events:
+            if e.get("session") == session:
                 if e["event"] == "start":
                     started, ended, pid, host = True, False, e.get("pid"), e.get("host")
                 elif e["event"] == "end":
@@ -324,10 +320,9 @@ def _trainable_class():
             self.search_dir = Path(search_dir)
             # This trial's epoch checkpoints (checkpoint_epoch=N, complete ones carry sha256sums), kept on the
             # storage path by the trial itself, so a resume finds the newest one whatever Tune's saved state
-            # says (tune_state.py); Tune's own checkpoint only points at one of them.
+            # says (tune_state.py). Tune keeps no checkpoint of its own.
             self.run_dir = (self.search_dir / "train" / self.trial_id if self.cfg.train.workers > 1
                             else self.search_dir / self.trial_id)
-            self.latest: Path | None = None        # newest epoch checkpoint directory
             self.last_metrics: dict | None = None
             self.resume_dir: str | None = None
             self.thread: threading.Thread | None = None
@@ -340,24 +335,24 @@ def _trainable_class():
             # Tune saves its experiment state every few seconds: a trial that ended just before the driver
             # was killed can come back on --resume. Its own log says it ended: it must not run again.
             self.ended_before = self._has_ended()
+            self._adopt_newest()
             if not self.ended_before:
                 self._log_attempt({"event": "start", "pid": os.getpid(), "host": socket.gethostname(),
                                    "session": session})
+                if self.last_metrics:
+                    self._log_attempt({"event": "resume", "from_epoch": self.last_metrics["epoch"]})
 
         def _adopt_newest(self) -> None:
-            """Continue from the newest complete checkpoint this trial wrote, if Tune restored an older one."""
+            """Go on from the newest complete checkpoint this trial wrote (an earlier attempt's, on --resume)."""
             from modelworks import train
 
             done = train.list_checkpoints(self.run_dir)
-            if done and done[-1][0] > (self.last_metrics or {}).get("epoch", 0):
-                self._adopt(done[-1][1])
-
-        def _adopt(self, ckpt: Path) -> None:
-            self.latest = ckpt
-            self.last_metrics = {k: v for k, v in json.loads((ckpt / "metrics.json").read_text()).items()
-                                 if k != "history"}
-            if self.cfg.train.workers == 1:  # (a TorchTrainer resumes from its own run directory)
-                self.resume_dir = str(ckpt)
+            if done:
+                ckpt = done[-1][1]
+                self.last_metrics = {k: v for k, v in json.loads((ckpt / "metrics.json").read_text()).items()
+                                     if k != "history"}
+                if self.cfg.train.workers == 1:  # (a TorchTrainer resumes from its own run directory)
+                    self.resume_dir = str(ckpt)
 
         def _has_ended(self) -> bool:
             return any(e.get("event") == "end" for e in read_attempts(attempts_path(self.search_dir, self.trial_id)))
@@ -367,10 +362,13 @@ def _trainable_class():
             path = attempts_path(self.search_dir, self.trial_id)
             path.parent.mkdir(parents=True, exist_ok=True)
             line = json.dumps({"time": time.time(), **record}) + "\n"
-            if path.is_file() and not path.read_bytes().endswith(b"\n") and path.stat().st_size:
-                line = "\n" + line  # an attempt killed mid-line: start afresh, or this record is glued to it
-            with path.open("a") as f:
-                f.write(line)
+            with path.open("ab+") as f:  # writes append; reads go anywhere
+                end = f.seek(0, os.SEEK_END)
+                if end:
+                    f.seek(end - 1)
+                    if f.read(1) != b"\n":  # an attempt killed mid-line: start afresh, or this record is glued to it
+                        line = "\n" + line
+                f.write(line.encode())
 
         def _loop_config(self) -> dict:
             return {"config": self.cfg.model_dump(mode="json"), "preprocessor": self.pre_json,
@@ -378,7 +376,6 @@ def _trainable_class():
 
         # -- 1 worker: the loop in this process, lock-step with Tune
         def _on_report(self, metrics, checkpoint, dir_name) -> None:
-            target = None
             if checkpoint is not None:  # train_loop deletes its temp dir after report: persist it now
                 target = self.run_dir / (dir_name or f"checkpoint_epoch={metrics['epoch']}")
                 tmp = self.run_dir / f".tmp-{target.name}"
@@ -386,7 +383,7 @@ def _trainable_class():
                 shutil.copytree(checkpoint.path, tmp)
                 shutil.rmtree(target, ignore_errors=True)  # an epoch trained again after a resume
                 tmp.rename(target)  # whole or absent, never half-written
-            self.to_tune.put(("report", dict(metrics), target))
+            self.to_tune.put(("report", dict(metrics)))
             if self.to_train.get() == "stop":
                 raise _Stopped()
 
@@ -398,11 +395,11 @@ def _trainable_class():
             try:
                 set_train_fn_utils(_bridge_utils(self.trial_id, self.datasets, self.resume_dir, self._on_report))
                 train.train_loop(self._loop_config())
-                self.to_tune.put(("finished", None, None))
+                self.to_tune.put(("finished", None))
             except _Stopped:
                 pass
             except BaseException as exc:  # noqa: BLE001 - handed to Tune as the trial's error
-                self.to_tune.put(("error", exc, None))
+                self.to_tune.put(("error", exc))
 
         # -- N workers: a real TorchTrainer; forward each checkpoint_epoch=N it writes
         def _run_distributed(self) -> None:
@@ -420,20 +417,18 @@ def _trainable_class():
                                          failure_config=FailureConfig(max_failures=self.cfg.train.max_failures),
                                          checkpoint_config=CheckpointConfig(num_to_keep=None)),
                 ).fit()
-                self.to_tune.put(("finished", None, None))
+                self.to_tune.put(("finished", None))
             except BaseException as exc:  # noqa: BLE001
-                self.to_tune.put(("error", exc, None))
+                self.to_tune.put(("error", exc))
 
         def _next_distributed(self):
             from modelworks import train
 
-            run_dir = self.search_dir / "train" / self.trial_id
             last = self.last_metrics["epoch"] if self.last_metrics else 0
 
             def newer():
-                found = [(e, p) for e, p in train.list_checkpoints(run_dir) if e > last]
-                return ("report", json.loads((found[0][1] / "metrics.json").read_text()), found[0][1]) \
-                    if found else None
+                found = [(e, p) for e, p in train.list_checkpoints(self.run_dir) if e > last]
+                return ("report", json.loads((found[0][1] / "metrics.json").read_text())) if found else None
 
             while True:
                 item = newer()
@@ -444,10 +439,6 @@ def _trainable_class():
                 time.sleep(0.2)
 
         def step(self):
-            if self.thread is None:
-                self._adopt_newest()
-                if self.last_metrics and not self.ended_before:
-                    self._log_attempt({"event": "resume", "from_epoch": self.last_metrics["epoch"]})
             if self.ended_before:  # restored after it had already ended: report where it stopped, run nothing
                 last = self.last_metrics or {"epoch": 0}
                 return {**{k: v for k, v in last.items() if isinstance(v, (int, float))}, "done": True}
@@ -458,12 +449,12 @@ def _trainable_class():
                 self.thread.start()
             elif not distributed:
                 self.to_train.put("go")
-            kind, payload, path = self._next_distributed() if distributed else self.to_tune.get()
+            kind, payload = self._next_distributed() if distributed else self.to_tune.get()
             if kind == "error":
                 raise payload
             if kind == "finished":  # resumed after its last epoch: nothing left to train
                 return {**(self.last_metrics or {"epoch": max_epochs(self.cfg)}), "done": True}
-            self.latest, self.last_metrics = path, payload
+            self.last_metrics = payload
             self.epochs_trained += 1
             self._log_attempt({"event": "epoch", "epoch": payload["epoch"]})
             if payload["epoch"] in self.rungs:
@@ -491,18 +482,13 @@ def _trainable_class():
                     return
                 time.sleep(0.2)
 
+        # Tune still saves a trial at its end and restores from that: both are empty, as the trial keeps its
+        # own checkpoints (run_dir) and setup already went on from the newest of them.
         def save_checkpoint(self, checkpoint_dir):
-            if self.latest is not None:  # a pointer: the checkpoint itself is already on the storage path
-                rel = os.path.relpath(self.latest, self.search_dir)
-                (Path(checkpoint_dir) / POINTER).write_text(json.dumps({"checkpoint": rel}))
             return None
 
         def load_checkpoint(self, checkpoint):
-            pointer = Path(checkpoint) / POINTER
-            if pointer.is_file():
-                ckpt = self.search_dir / json.loads(pointer.read_text())["checkpoint"]
-                if (ckpt / "metrics.json").is_file():
-                    self._adopt(ckpt)
+            pass
 
         def cleanup(self):
             if self.ended_before:
@@ -587,7 +573,7 @@ def _trial_table(results, search_dir: Path, epochs_max: int) -> list[dict]:
         df = r.metrics_dataframe
         history = []
         if saved:
-            newest = json.loads((max(saved, key=_epoch_of) / "metrics.json").read_text())
+            newest = json.loads((saved[-1][1] / "metrics.json").read_text())
             history = [(int(h["epoch"]), float(h["val_accuracy"])) for h in newest.get("history", [])]
         elif df is not None and {"epoch", "val_accuracy"} <= set(df.columns):
             history = [(int(e), float(a)) for e, a in zip(df["epoch"], df["val_accuracy"])]
@@ -615,24 +601,20 @@ def reported_epoch(events: list[dict]) -> int:
                + [e["from_epoch"] for e in events if e["event"] == "resume"], default=0)
 
 
-def trial_checkpoints(trial_dir: Path, upto: int | None = None) -> list[Path]:
-    """A trial's complete epoch checkpoints: beside its Tune files (1 worker) or in its Train run (N workers).
-    `upto`: only epochs reported to Tune (a Train run stopped by ASHA may have written one or two more)."""
-    found = []
-    for d in (trial_dir, trial_dir.parent / "train" / trial_dir.name):
-        found += [m.parent for m in d.glob("checkpoint_*/metrics.json") if (m.parent / "sha256sums").is_file()]
-    return [c for c in found if upto is None or _epoch_of(c) <= upto]
+def trial_checkpoints(trial_dir: Path, upto: int | None = None) -> list[tuple[int, Path]]:
+    """A trial's complete epoch checkpoints by epoch: beside its Tune files (1 worker) or in its Train run
+    (N workers). `upto`: only epochs reported to Tune (a Train run stopped by ASHA may have written more)."""
+    from modelworks.train import list_checkpoints
 
-
-def _epoch_of(ckpt: Path) -> int:
-    return int(json.loads((ckpt / "metrics.json").read_text())["epoch"])
+    found = list_checkpoints(trial_dir) + list_checkpoints(trial_dir.parent / "train" / trial_dir.name)
+    return sorted(c for c in found if upto is None or c[0] <= upto)
 
 
 def _best_checkpoint(rows: list[dict]) -> tuple[dict, Path]:
     """The best epoch checkpoint over all trials by validation accuracy (then lower val loss, earlier epoch)."""
     scored = []
     for row in rows:
-        for ckpt in trial_checkpoints(Path(row["path"]), upto=row["epochs"]):
+        for _, ckpt in trial_checkpoints(Path(row["path"]), upto=row["epochs"]):
             m = json.loads((ckpt / "metrics.json").read_text())
             scored.append((m["val_accuracy"], -m["val_loss"], -m["epoch"], row["trial_id"], ckpt))
     if not scored:
@@ -753,7 +735,6 @@ def run_search(cfg: WorkflowConfig, *, name: str | None = None, data_dir: str | 
             run_config=tune.RunConfig(
                 name=name, storage_path=str(root),
                 stop={"epoch": epochs_max},
-                checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=None),
                 failure_config=tune.FailureConfig(max_failures=0),
                 callbacks=[tune_state.StateMirror(str(search_dir))],
                 verbose=0,

@@ -38,12 +38,6 @@ class StateMirror(tune.Callback):
         if staging.is_dir():
             mirror(staging, self.dest)
 
-    def __getstate__(self) -> dict:  # pickled into tuner.pkl: the timer starts afresh on restore
-        return {"dest": self.dest, "every_s": self.every_s}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _last=float("-inf"))
-
 
 def mirror(staging: Path, dest: Path) -> None:
     """Copy `staging` (files and trial log directories, no checkpoints) to `dest`, replacing it whole."""
