@@ -4,6 +4,7 @@
     model.safetensors   weights (no pickle)
     model.json          architecture spec: rebuilds the network with models.build_model
     preprocessor.json   fitted preprocessing + label map
+    tokenizer.json      text models only: the HF tokenizer fitted on the training split
     labels.json         class names in index order
     metrics.json        this epoch's metrics and the history so far
     config.json         the whole validated workflow config
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from modelworks.data.preprocess import Preprocessor
+from modelworks.data import preprocess
 from modelworks.errors import CheckpointError
 from modelworks.models import build_model
 
@@ -35,6 +36,17 @@ def sha256(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def state_digest(module: nn.Module) -> str:
+    """sha256 over a module's tensors (names, dtypes, shapes, bytes): equal digests mean equal weights.
+    Fine-tuning records the digest of the encoder it started from, so lineage can be checked by hash."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -66,14 +78,15 @@ def verify(directory: str | Path) -> None:
                                   f"refusing to load it - retrain or use another version")
 
 
-def save(directory: str | Path, *, model: nn.Module, spec: dict, preprocessor: Preprocessor, metrics: dict,
+def save(directory: str | Path, *, model: nn.Module, spec: dict, preprocessor, metrics: dict,
          config: dict, train_state: dict | None = None) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(d / "model.safetensors"))
     (d / "model.json").write_text(json.dumps(spec, indent=2))
-    (d / "preprocessor.json").write_text(preprocessor.to_json())
+    for name, text in preprocessor.files().items():
+        (d / name).write_text(text)
     (d / "labels.json").write_text(json.dumps(preprocessor.class_names))
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (d / "config.json").write_text(json.dumps(config, indent=2))
@@ -87,7 +100,7 @@ def save(directory: str | Path, *, model: nn.Module, spec: dict, preprocessor: P
 class LoadedModel:
     model: nn.Module
     spec: dict
-    preprocessor: Preprocessor
+    preprocessor: Any               # data.preprocess.Preprocessor or data.text.TextPreprocessor
     class_names: list[str]
     metrics: dict
     config: dict
@@ -95,8 +108,8 @@ class LoadedModel:
 
     @torch.no_grad()
     def predict_proba(self, x_raw) -> torch.Tensor:
-        x = torch.from_numpy(self.preprocessor.transform_features(x_raw))
-        return torch.softmax(self.model(x), dim=1)
+        """Class probabilities for raw inputs (images as arrays, or texts), through the saved preprocessor."""
+        return torch.softmax(self.model(self.preprocessor.to_model_input(x_raw)), dim=1)
 
 
 def load(directory: str | Path, *, verify_sums: bool = True) -> LoadedModel:
@@ -107,7 +120,7 @@ def load(directory: str | Path, *, verify_sums: bool = True) -> LoadedModel:
         spec = json.loads((d / "model.json").read_text())
         model = build_model(spec)
         model.load_state_dict(load_file(str(d / "model.safetensors")))
-        pre = Preprocessor.from_json((d / "preprocessor.json").read_text())
+        pre = preprocess.read_dir(d)
         names = json.loads((d / "labels.json").read_text())
         metrics = json.loads((d / "metrics.json").read_text())
         config = json.loads((d / "config.json").read_text())

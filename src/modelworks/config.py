@@ -24,11 +24,15 @@ class DataConfig(_Strict):
     # digits: scikit-learn's 8x8 digits, shipped inside scikit-learn (no data directory needed).
     # idx: MNIST-style IDX files (name picks the sub-folder and download mirror: mnist, fashion-mnist).
     # table: Parquet or CSV at `path` (local or any pyarrow filesystem URI such as s3://).
-    source: Literal["digits", "idx", "table"] = "digits"
+    # text: sentences with labels in CSV/TSV/JSONL/Parquet (optionally .gz) at `path`, or, without `path`,
+    #   <data-dir>/<name>/{train,validation,test}.<ext> as the dataset ships them (sst2).
+    source: Literal["digits", "idx", "table", "text"] = "digits"
     name: str = "digits"
-    path: str | None = Field(None, description="table: training table; idx: folder holding the IDX files")
-    test_path: str | None = Field(None, description="table: held-out test table (else carved from `path`)")
-    format: Literal["auto", "parquet", "csv"] = "auto"
+    path: str | None = Field(None, description="table/text: training file; idx: folder holding the IDX files")
+    val_path: str | None = Field(None, description="text: validation file (else carved from `path`)")
+    test_path: str | None = Field(None, description="table/text: held-out test file (else carved from `path`)")
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
+    text_column: str = Field("text", description="text: column holding the text")
     label_column: str = "label"
     image_column: str | None = Field(None, description="table: column holding a flat/2-D pixel array")
     feature_columns: list[str] | None = Field(None, description="table: pixel/feature columns (default: all but label)")
@@ -44,9 +48,25 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: Literal["mlp"] = "mlp"
-    hidden_sizes: list[int] = Field(default_factory=lambda: [256, 128])
+    name: Literal["mlp", "transformer"] = "mlp"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # mlp
+    hidden_sizes: list[int] = Field(default_factory=lambda: [256, 128])
+    # transformer (models/transformer.py): an encoder of n_layers pre-LayerNorm blocks
+    d_model: int = Field(128, ge=8)
+    n_layers: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1)
+    d_ff: int = Field(512, ge=8, description="width of the position-wise feed-forward layer")
+    max_len: int = Field(64, ge=4, description="tokens per text (with [CLS] and [SEP]); longer texts are truncated")
+    vocab_size: int = Field(8000, ge=100, description="WordPiece vocabulary fitted on the training split")
+    pooling: Literal["mean", "cls"] = "mean"
+    use_sdpa: bool = Field(True, description="fused scaled_dot_product_attention; false = the written-out one")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -56,10 +76,37 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # Text models (AdamW always; the schedule is per optimizer step: linear warm-up, cosine to min_lr).
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="text: share of the steps spent warming up")
+    min_lr: float = Field(0.0, ge=0.0, description="text: where the cosine decay ends")
+    beta2: float = Field(0.999, gt=0.0, lt=1.0)
+    grad_clip: float | None = Field(1.0, gt=0, description="text: clip the gradient norm (null = off)")
+    grad_accum: int = Field(1, ge=1, description="text: micro-batches per optimizer step")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    init_from: str | None = Field(None, description="text: fine-tune from a registered encoder (NAME@VERSION|ALIAS)")
     workers: int = Field(1, ge=1)
     use_gpu: bool = False
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
     seed: int = 0
+
+
+class PretrainConfig(_Strict):
+    """The `pretrain` step: masked-language modelling on the training sentences (labels unused) and any
+    extra unlabelled corpus, before the `train` step fine-tunes the encoder for the task."""
+    enabled: bool = Field(True, description="false: skip pre-training; `train` starts from scratch (the baseline)")
+    corpus: list[str] = Field(default_factory=list, description="extra plain-text files, one example per line")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    beta2: float = Field(0.98, gt=0.0, lt=1.0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    mask_prob: float = Field(0.15, gt=0.0, lt=1.0, description="share of tokens hidden (80 % [MASK], 10 % random, 10 % kept)")
+    register_as: str | None = Field(None, description="registry name of the pre-trained encoder (default <name>-encoder)")
 
 
 class EvaluateConfig(_Strict):
@@ -161,10 +208,17 @@ class ServeConfig(_Strict):
         return self
 
 
+# The steps a workflow can chain, in the order they run; data ingest and preprocessing come first always.
+STEPS = ("pretrain", "train", "evaluate", "register")
+DEFAULT_STEPS = ["train", "evaluate", "register"]
+
+
 class WorkflowConfig(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    steps: list[Literal["pretrain", "train", "evaluate", "register"]] = Field(default_factory=lambda: list(DEFAULT_STEPS))
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     registry: RegisterConfig = Field(default_factory=RegisterConfig)
@@ -175,6 +229,19 @@ class WorkflowConfig(_Strict):
     def _check_source(self) -> "WorkflowConfig":
         if self.data.source == "table" and not self.data.path:
             raise ValueError("data.path is required when data.source='table'")
+        text_data, text_model = self.data.source == "text", self.model.name == "transformer"
+        if text_data != text_model:
+            raise ValueError(f"model.name='{self.model.name}' does not read data.source='{self.data.source}': "
+                             f"the transformer reads text, the mlp reads images and tables")
+        if list(self.steps) != [s for s in STEPS if s in self.steps] or "train" not in self.steps:
+            raise ValueError(f"steps {self.steps}: need 'train', each step once, in the order {list(STEPS)}")
+        if "pretrain" in self.steps and not text_model:
+            raise ValueError("steps: 'pretrain' (masked-language modelling) needs model.name='transformer'")
+        if "register" in self.steps and "evaluate" not in self.steps:
+            raise ValueError("steps: 'register' needs 'evaluate' (the gate reads the test metrics)")
+        if self.search.enabled and "pretrain" in self.steps:
+            raise ValueError("search.enabled with a 'pretrain' step is not supported yet; search the fine-tune "
+                             "with train.init_from=NAME@VERSION instead")
         return self
 
     def digest(self) -> str:

@@ -16,13 +16,28 @@ from modelworks import checkpoint  # noqa: E402
 from modelworks.train import list_checkpoints  # noqa: E402
 
 
-def predict_split(loaded: checkpoint.LoadedModel, raw_test: ray.data.Dataset, batch_size: int = 1024):
-    """Stream the raw test split through the checkpoint's own preprocessor and model."""
-    ys, probs = [], []
+def predict_split(loaded: checkpoint.LoadedModel, raw_test: ray.data.Dataset, batch_size: int = 1024,
+                  keep_inputs: bool = False):
+    """Stream a raw split through the checkpoint's own preprocessor and model: (y, probs[, inputs])."""
+    ys, probs, inputs = [], [], []
+    column = loaded.preprocessor.raw_column
     for batch in raw_test.iter_batches(batch_size=batch_size, batch_format="numpy"):
         ys.append(loaded.preprocessor.encode_labels(batch["label"]))
-        probs.append(loaded.predict_proba(batch["x"]).numpy())
-    return np.concatenate(ys), np.concatenate(probs)
+        probs.append(loaded.predict_proba(batch[column]).numpy())
+        if keep_inputs:
+            inputs += list(batch[column])
+    y, p = np.concatenate(ys), np.concatenate(probs)
+    return (y, p, inputs) if keep_inputs else (y, p)
+
+
+def confidently_wrong(texts: list[str], y: np.ndarray, probs: np.ndarray, class_names: list[str],
+                      n: int = 10) -> list[dict]:
+    """The n wrong predictions the model was surest of: where a text model's blind spots show."""
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != y)
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:n]
+    return [{"text": texts[i], "true": class_names[y[i]], "predicted": class_names[pred[i]],
+             "probability": float(probs[i, pred[i]])} for i in wrong]
 
 
 def score(y: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict:
@@ -73,7 +88,16 @@ def plot_curves(history: list[dict], path_loss: Path, path_acc: Path) -> None:
         plt.close(fig)
 
 
+def _wrong_table(title: str, rows: list[dict]) -> list[str]:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    return [f"### {title}", "", "| text | true | predicted | probability |", "|---|---|---|---|",
+            *[f"| {cell(r['text'])} | {r['true']} | {r['predicted']} | {r['probability']:.3f} |" for r in rows], ""]
+
+
 def write_report(out: Path, run_name: str, ckpt: Path, metrics: dict, history: list[dict], config: dict) -> Path:
+    speed = "tokens_per_s" if history and "tokens_per_s" in history[0] else "samples_per_s"
     lines = [
         f"# {config['name']}: run `{run_name}`",
         "",
@@ -83,10 +107,10 @@ def write_report(out: Path, run_name: str, ckpt: Path, metrics: dict, history: l
         f"- model: {config['model']}",
         f"- training: {config['train']}",
         "",
-        "| epoch | train loss | val loss | val accuracy | samples/s |",
+        f"| epoch | train loss | val loss | val accuracy | {speed.replace('_per_s', '/s')} |",
         "|---|---|---|---|---|",
         *[f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | {h['val_accuracy']:.4f} | "
-          f"{h['samples_per_s']:.0f} |" for h in history],
+          f"{h[speed]:.0f} |" for h in history],
         "",
         "| class | precision | recall | f1 | support |",
         "|---|---|---|---|---|",
@@ -96,17 +120,31 @@ def write_report(out: Path, run_name: str, ckpt: Path, metrics: dict, history: l
         "![confusion matrix](confusion_matrix.png) ![loss](loss_curve.png) ![accuracy](accuracy_curve.png)",
         "",
     ]
+    if metrics.get("confidently_wrong"):
+        lines += ["## Most confidently wrong", ""]
+        for split, rows in metrics["confidently_wrong"].items():
+            lines += _wrong_table(f"{split} split", rows)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
 
 
-def evaluate_checkpoint(ckpt: Path, raw_test: ray.data.Dataset, out: Path, run_name: str) -> dict:
-    """Everything the evaluate step leaves in ``out``; returns the test metrics."""
+def evaluate_checkpoint(ckpt: Path, raw_test: ray.data.Dataset, out: Path, run_name: str,
+                        val_split: ray.data.Dataset | None = None) -> dict:
+    """Everything the evaluate step leaves in ``out``; returns the test metrics. Text models also list
+    their most confidently wrong sentences of the test split (and of ``val_split`` when given)."""
     out.mkdir(parents=True, exist_ok=True)
     loaded = checkpoint.load(ckpt)
-    y, probs = predict_split(loaded, raw_test, loaded.config["evaluate"]["batch_size"])
+    text = loaded.preprocessor.raw_column == "text"
+    batch_size = loaded.config["evaluate"]["batch_size"]
+    y, probs, *inputs = predict_split(loaded, raw_test, batch_size, keep_inputs=text)
     metrics = score(y, probs, loaded.class_names)
+    if text:
+        metrics["confidently_wrong"] = {"test": confidently_wrong(inputs[0], y, probs, loaded.class_names)}
+        if val_split is not None:
+            vy, vprobs, vtexts = predict_split(loaded, val_split, batch_size, keep_inputs=True)
+            metrics["val_accuracy"] = float(accuracy_score(vy, vprobs.argmax(1)))
+            metrics["confidently_wrong"]["validation"] = confidently_wrong(vtexts, vy, vprobs, loaded.class_names)
     history = loaded.metrics.get("history", [])
     # Curves cover every epoch of the run, also those after the best checkpoint.
     done = list_checkpoints(ckpt.parent)  # complete checkpoints only, by epoch

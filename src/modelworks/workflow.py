@@ -1,6 +1,14 @@
-"""The step runner: ingest -> preprocess -> train -> evaluate -> register.
+"""The step runner: ingest -> preprocess -> [pretrain] -> train -> evaluate -> register.
 
-One typed function, ``run_workflow``, that the CLI and the tests both call.
+One typed function, ``run_workflow``, that the CLI and the tests both call. The workflow's ``steps`` list
+says which of pretrain/train/evaluate/register run; ingest and preprocessing always come first. A run
+directory holds each step's output, so a rerun of the same run skips finished steps and resumes the
+running one from its last checkpoint:
+
+    runs/<run>/preprocessor/         text: the fitted tokenizer + label map (reused on resume)
+    runs/<run>/pretrain/checkpoint_epoch=N   the pre-training step (text)
+    runs/<run>/checkpoint_epoch=N    the train (fine-tune) step
+    runs/<run>/evaluation/           report.md, metrics, plots
 """
 from __future__ import annotations
 
@@ -14,10 +22,12 @@ from typing import Callable
 
 import ray
 
+from modelworks import checkpoint
 from modelworks import registry as registry_mod
 from modelworks import train
 from modelworks.config import WorkflowConfig
 from modelworks.data import preprocess, sources
+from modelworks.data import text as text_data
 from modelworks.errors import UserError
 from modelworks.evaluate import evaluate_checkpoint
 from modelworks.serve import apply_serve_env
@@ -114,31 +124,143 @@ def run_workflow(cfg: WorkflowConfig, *, run_name: str | None = None, data_dir: 
     run_name = run_name or default_run_name(cfg)
     run_dir = runs_root() / run_name
     _claim_run_dir(run_dir, cfg)
+    steps = ["ingest", "preprocess", *cfg.steps]
+    if "pretrain" in steps and not cfg.pretrain.enabled:
+        steps.remove("pretrain")
+    number = {name: f"[{i}/{len(steps)}]" for i, name in enumerate(steps, start=1)}
 
-    log(f"[1/5] ingest: {cfg.data.source} '{cfg.data.name}'")
+    log(f"{number['ingest']} ingest: {cfg.data.source} '{cfg.data.name}'")
     src = sources.load_source(cfg.data, data_dir)
-    log("[2/5] preprocess: fitting on the training split")
-    pre = preprocess.fit(src.splits["train"], src.class_names, src.image_shape)
-    log(f"      input {pre.input_shape}, {pre.num_classes} classes, mean={pre.mean:.4f} std={pre.std:.4f}")
-    datasets = {s: pre.apply(src.splits[s]) for s in ("train", "val")}
+    if cfg.model.name == "transformer":
+        best = _text_steps(cfg, src, run_dir, number, log)
+    else:
+        log(f"{number['preprocess']} preprocess: fitting on the training split")
+        pre = preprocess.fit(src.splits["train"], src.class_names, src.image_shape)
+        log(f"      input {pre.input_shape}, {pre.num_classes} classes, mean={pre.mean:.4f} std={pre.std:.4f}")
+        datasets = {s: pre.apply(src.splits[s]) for s in ("train", "val")}
+        log(f"{number['train']} train: {cfg.train.workers} worker(s), {cfg.train.epochs} epochs, run '{run_name}'")
+        train.fit(cfg, datasets, pre, runs_root(), run_name, log=log)
+        best = train.best_checkpoint(run_dir, cfg.evaluate.metric)
+    val_acc = json.loads((best / "metrics.json").read_text())["val_accuracy"]
+    log(f"      best: {best.name} (val accuracy {val_acc:.4f})")
 
-    log(f"[3/5] train: {cfg.train.workers} worker(s), {cfg.train.epochs} epochs, run '{run_name}'")
-    train.fit(cfg, datasets, pre, runs_root(), run_name, log=log)
-    best = train.best_checkpoint(run_dir, cfg.evaluate.metric)
-
-    log(f"[4/5] evaluate: {best.name} on the test split")
-    eval_dir = run_dir / "evaluation"
-    metrics = evaluate_checkpoint(best, src.splits["test"], eval_dir, run_name)
-    log(f"      test accuracy {metrics['test_accuracy']:.4f} ({metrics['test_samples']} samples)")
+    metrics, eval_dir = {"test_accuracy": float("nan")}, run_dir / "evaluation"
+    if "evaluate" in steps:
+        log(f"{number['evaluate']} evaluate: {best.name} on the test split")
+        metrics = evaluate_checkpoint(best, src.splits["test"], eval_dir, run_name,
+                                      val_split=src.splits["val"] if cfg.model.name == "transformer" else None)
+        log(f"      test accuracy {metrics['test_accuracy']:.4f} ({metrics['test_samples']} samples)")
 
     model_ref, production = "", False
-    if cfg.registry.enabled:
+    if "register" in steps and cfg.registry.enabled:
         name, version, production = register_result(cfg, run_name, best, eval_dir, metrics)
         model_ref = f"{name}@{version}"
-        log(f"[5/5] register: {model_ref}" + (" (production)" if production else ""))
-    val_acc = json.loads((best / "metrics.json").read_text())["val_accuracy"]
+        log(f"{number['register']} register: {model_ref}" + (" (production)" if production else ""))
     return RunResult(run_name, str(run_dir), str(best), val_acc, metrics["test_accuracy"], model_ref,
                      str(eval_dir / "report.md"), production, round(time.time() - t0, 1))
+
+
+# ------------------------------------------------------------------------------------------ text steps
+def _texts(ds: ray.data.Dataset):
+    """Stream a split's texts to the driver in batches (the tokenizer trainer consumes an iterator)."""
+    for batch in ds.select_columns(["text"]).iter_batches(batch_size=4096, batch_format="numpy"):
+        yield from (str(t) for t in batch["text"])
+
+
+def _labels(ds: ray.data.Dataset) -> list:
+    return ds.unique("label")
+
+
+def _text_preprocessor(cfg: WorkflowConfig, src: sources.Source, corpus: ray.data.Dataset | None,
+                       encoder: checkpoint.LoadedModel | None, run_dir: Path, log) -> text_data.TextPreprocessor:
+    """Fitted once per run and kept in ``run_dir/preprocessor`` so a resumed run reads text exactly as
+    before; a fine-tune from a registered encoder reuses that encoder's tokenizer."""
+    saved = run_dir / "preprocessor"
+    if (saved / "preprocessor.json").is_file():
+        log("      tokenizer: reusing this run's (fitted before)")
+        return preprocess.read_dir(saved)
+    labels = _labels(src.splits["train"])
+    if encoder is not None:
+        pre = encoder.preprocessor.with_labels(*text_data.label_map(labels, src.class_names))
+        log(f"      tokenizer: the encoder's ({pre.vocab_size} WordPiece tokens)")
+    else:
+        texts = _texts(src.splits["train"])
+        if corpus is not None:
+            texts = (t for part in (texts, _texts(corpus)) for t in part)
+        pre = text_data.fit(texts, labels, src.class_names, cfg.model.vocab_size, cfg.model.max_len)
+        log(f"      tokenizer: WordPiece, {pre.vocab_size} tokens fitted on the training split"
+            + (" and the pre-training corpus" if corpus is not None else ""))
+    tmp = run_dir / "preprocessor.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, text in pre.files().items():
+        (tmp / name).write_text(text)
+    tmp.rename(saved)  # whole or absent
+    return pre
+
+
+def _text_steps(cfg: WorkflowConfig, src: sources.Source, run_dir: Path, number: dict, log) -> Path:
+    """preprocess -> [pretrain] -> train for a Transformer; returns the best fine-tuned checkpoint."""
+    from modelworks import train_text  # Ray Train for text; image runs never import it
+
+    pretraining = "pretrain" in number
+    corpus = sources.read_text_files(cfg.pretrain.corpus, cfg.data, labelled=False, fmt="lines") \
+        if pretraining and cfg.pretrain.corpus else None
+    encoder = None
+    if cfg.train.init_from:
+        encoder, _ = registry_mod.Registry().load(cfg.train.init_from)
+        if encoder.spec.get("name") != "transformer":
+            raise UserError(f"train.init_from={cfg.train.init_from} is a {encoder.spec.get('name')} model, "
+                            f"not a Transformer encoder")
+    log(f"{number['preprocess']} preprocess: tokenizer and label map from the training split")
+    pre = _text_preprocessor(cfg, src, corpus, encoder, run_dir, log)
+    log(f"      {pre.num_classes} classes {pre.class_names}, max_len {pre.max_len}")
+
+    init_encoder = str(encoder.path) if encoder is not None else None
+    if pretraining:
+        mlm = pre.with_labels([], [])
+        log(f"{number['pretrain']} pretrain: masked-LM, {cfg.pretrain.epochs} epochs, "
+            f"{int(cfg.pretrain.mask_prob * 100)} % of tokens masked")
+        texts = src.splits["train"].select_columns(["text"])
+        if corpus is not None:
+            texts = texts.union(corpus.select_columns(["text"]))
+        datasets = {"train": mlm.apply(texts), "val": mlm.apply(src.splits["val"].select_columns(["text"]))}
+        spec = train_text.text_model_spec(cfg, mlm, "mlm")
+        pre_dir = train_text.fit_text(cfg, "mlm", datasets, mlm, spec, run_dir, "pretrain", log=log)
+        last = train.list_checkpoints(pre_dir)[-1][1]  # the encoder after the whole schedule
+        info = json.loads((last / "metrics.json").read_text())
+        log(f"      encoder: {last.name}, masked-token accuracy {info['val_accuracy']:.4f} "
+            f"(val loss {info['val_loss']:.3f})")
+        if "register" in cfg.steps and cfg.registry.enabled:
+            ref = register_encoder(cfg, run_dir.name, last, info)
+            log(f"      registered the encoder as {ref}")
+        init_encoder = str(last)
+
+    spec = train_text.text_model_spec(cfg, pre, "classify")
+    if encoder is not None:  # the architecture is the encoder's, whatever the config says
+        spec.update({k: encoder.spec[k] for k in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads",
+                                                  "d_ff", "pad_id")})
+    start = "from the pre-trained encoder" if init_encoder else "from scratch"
+    log(f"{number['train']} train: fine-tune {start}, {cfg.train.workers} worker(s), {cfg.train.epochs} epochs")
+    datasets = {s: pre.apply(src.splits[s]) for s in ("train", "val")}
+    train_text.fit_text(cfg, "classify", datasets, pre, spec, run_dir.parent, run_dir.name,
+                        init_encoder=init_encoder, log=log)
+    return train.best_checkpoint(run_dir, cfg.evaluate.metric)
+
+
+def register_encoder(cfg: WorkflowConfig, run_name: str, ckpt: Path, info: dict) -> str:
+    """The pre-trained encoder as its own registry model, so other workflows fine-tune from it
+    (``train.init_from = "<name>-encoder@production"``)."""
+    reg = registry_mod.Registry()
+    name = cfg.pretrain.register_as or f"{cfg.registry.model_name or cfg.name}-encoder"
+    for v in reversed(reg.versions(name)):
+        meta = reg.info(name, v)
+        if meta.get("run") == run_name and meta.get("checkpoint") == ckpt.name:
+            return f"{name}@{v}"
+    version = reg.register(name, ckpt, meta={"run": run_name, "checkpoint": ckpt.name, "task": "mlm",
+                                             "val_mlm_accuracy": info["val_accuracy"],
+                                             "val_mlm_loss": info["val_loss"], "config_digest": cfg.digest()})
+    reg.set_alias(name, "production", version)  # the newest finished pre-training is the one to build on
+    return f"{name}@{version}"
 
 
 def result_json(result: RunResult) -> str:

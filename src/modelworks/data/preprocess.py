@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import ray
+import torch
 
 from modelworks.errors import DataError
 
@@ -21,6 +22,7 @@ class Preprocessor:
     std: float
     classes: list                   # raw label values in index order (the label map)
     class_names: list[str] = field(default_factory=list)
+    raw_column = "x"                # the source column this preprocessor reads
 
     @property
     def input_dim(self) -> int:
@@ -35,6 +37,9 @@ class Preprocessor:
         """Raw inputs (B, *input_shape) or (B, input_dim) -> normalised float32 (B, input_dim)."""
         x = np.asarray(x, dtype=np.float32).reshape(len(x), self.input_dim)
         return (x - np.float32(self.mean)) / np.float32(self.std)
+
+    def to_model_input(self, x_raw) -> torch.Tensor:
+        return torch.from_numpy(self.transform_features(x_raw))
 
     def encode_labels(self, labels: np.ndarray) -> np.ndarray:
         lookup = {str(c): i for i, c in enumerate(self.classes)}
@@ -55,9 +60,33 @@ class Preprocessor:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    def files(self) -> dict[str, str]:
+        """What a checkpoint stores for this preprocessor."""
+        return {"preprocessor.json": self.to_json()}
+
     @classmethod
     def from_json(cls, text: str) -> "Preprocessor":
         return cls(**json.loads(text))
+
+
+def from_json(text: str):
+    """An image ``Preprocessor`` or a ``TextPreprocessor`` (``"kind": "text"``), from its ``to_json``."""
+    data = json.loads(text)
+    if data.get("kind") == "text":
+        from modelworks.data.text import TextPreprocessor
+
+        return TextPreprocessor.from_dict(data)
+    return Preprocessor(**data)
+
+
+def read_dir(directory: Path):
+    """The preprocessor a checkpoint directory holds (a text one also reads its ``tokenizer.json``)."""
+    data = json.loads((directory / "preprocessor.json").read_text())
+    if data.get("kind") == "text":
+        from modelworks.data.text import TOKENIZER_FILE, TextPreprocessor
+
+        return TextPreprocessor.from_dict(data, (directory / TOKENIZER_FILE).read_text())
+    return Preprocessor(**data)
 
 
 def _partial_stats(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

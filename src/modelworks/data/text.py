@@ -1,0 +1,180 @@
+"""Text preprocessing: a WordPiece tokenizer (HF ``tokenizers``) fitted on the training split only,
+token ids for Ray Data's ``map_batches``, per-batch dynamic padding and BERT's masked-token corruption.
+
+Rows leave ``TextPreprocessor`` as ``ids`` (int32, padded to ``max_len`` so Arrow stores a fixed-shape
+tensor), ``length`` (real tokens) and ``y`` (label index); ``trim`` then cuts each training batch to its
+longest row, so the model never runs over padding a batch does not need. The fitted state is saved in
+every checkpoint as ``preprocessor.json`` (label map, max_len) and ``tokenizer.json`` (the tokenizer).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from modelworks.errors import DataError
+from modelworks.models.transformer import IGNORE_INDEX
+
+# Fixed ids for the special tokens (the trainer assigns them first, in this order).
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def fit_tokenizer(texts: Iterable[str], vocab_size: int, max_len: int, min_frequency: int = 2) -> Tokenizer:
+    """WordPiece as BERT uses it: lower-case, split on spaces and punctuation, then into subwords, so a
+    word never seen in training still maps to known pieces instead of one [UNK]."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)])
+    tok.enable_truncation(max_len)
+    return tok
+
+
+@dataclass
+class TextPreprocessor:
+    tokenizer: Tokenizer
+    max_len: int
+    classes: list                   # raw label values in index order (the label map); empty for pre-training
+    class_names: list[str] = field(default_factory=list)
+    kind: str = "text"
+    raw_column = "text"             # the source column this preprocessor reads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    # -- applying --------------------------------------------------------------------------------
+    def encode(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        """Texts -> (ids int32 (B, max_len) right-padded with PAD_ID, lengths int32 (B,))."""
+        encodings = self.tokenizer.encode_batch([str(t) for t in texts])
+        ids = np.full((len(encodings), self.max_len), PAD_ID, dtype=np.int32)
+        lengths = np.empty(len(encodings), dtype=np.int32)
+        for i, enc in enumerate(encodings):
+            ids[i, :len(enc.ids)] = enc.ids
+            lengths[i] = len(enc.ids)
+        return ids, lengths
+
+    def encode_labels(self, labels, files=None, rows=None) -> np.ndarray:
+        lookup = {str(c): i for i, c in enumerate(self.classes)}
+        out = np.empty(len(labels), dtype=np.int64)
+        for i, v in enumerate(labels):
+            if str(v) not in lookup:
+                where = f"{files[i]} row {rows[i]}: " if files is not None else ""
+                raise DataError(f"{where}label {v!r} is not in the label set {self.classes} (fitted on the "
+                                f"training split); fix the row or the label column")
+            out[i] = lookup[str(v)]
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The map_batches function: {text[, label, file, row]} -> {ids, length[, y]}."""
+        ids, lengths = self.encode(batch["text"])
+        out = {"ids": ids, "length": lengths}
+        if self.classes and "label" in batch:
+            out["y"] = self.encode_labels(batch["label"], batch.get("file"), batch.get("row"))
+        return out
+
+    def apply(self, ds):
+        return ds.map_batches(self, batch_format="numpy", batch_size=4096)
+
+    def to_model_input(self, texts) -> torch.Tensor:
+        """What a model takes for raw texts: ids (B, longest) padded to the longest text of this batch."""
+        ids, lengths = self.encode(texts)
+        return torch.from_numpy(trim(ids, lengths)).long()
+
+    # -- persistence -----------------------------------------------------------------------------
+    def meta(self) -> dict:
+        return {"kind": self.kind, "max_len": self.max_len, "classes": self.classes,
+                "class_names": self.class_names, "vocab_size": self.vocab_size}
+
+    def to_json(self) -> str:
+        """Everything in one string (the tokenizer inline): how it travels to Ray workers."""
+        return json.dumps({**self.meta(), "tokenizer": self.tokenizer.to_str()})
+
+    def files(self) -> dict[str, str]:
+        """What a checkpoint stores: the label map and sizes, and the tokenizer in its own standard file."""
+        return {"preprocessor.json": json.dumps(self.meta(), indent=2), TOKENIZER_FILE: self.tokenizer.to_str()}
+
+    @classmethod
+    def from_dict(cls, meta: dict, tokenizer_json: str | None = None) -> "TextPreprocessor":
+        tok = Tokenizer.from_str(tokenizer_json or meta["tokenizer"])
+        return cls(tok, int(meta["max_len"]), list(meta["classes"]), list(meta.get("class_names", [])))
+
+    def with_labels(self, classes: list, class_names: list[str]) -> "TextPreprocessor":
+        """The same tokenizer with a label map: a classifier fine-tuned from a pre-trained encoder must read
+        text exactly as the encoder learned it."""
+        return TextPreprocessor(self.tokenizer, self.max_len, classes, class_names)
+
+
+def label_map(labels: Iterable, class_names: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(classes, names): the training labels as strings, numbers in numeric order, then the rest sorted,
+    so the same data always gives the same label indices."""
+    def order(v: str):
+        number = v.lstrip("-").isdigit()
+        return (not number, int(v) if number else 0, v)
+
+    classes = sorted({str(v) for v in labels}, key=order)
+    if len(classes) < 2:
+        raise DataError(f"the training split has {len(classes)} class(es) ({classes}); need at least 2")
+    return classes, [class_names.get(c, c) for c in classes]
+
+
+def fit(texts: Iterable[str], labels: Iterable, class_names: dict[str, str], vocab_size: int,
+        max_len: int) -> TextPreprocessor:
+    """Fit the tokenizer on ``texts`` (training text only, never validation or test) and the label map."""
+    classes, names = label_map(labels, class_names)
+    return TextPreprocessor(fit_tokenizer(texts, vocab_size, max_len), max_len, classes, names)
+
+
+# ------------------------------------------------------------------------------------------ batching
+def trim(ids: np.ndarray, lengths: np.ndarray):
+    """Dynamic padding: cut a padded batch to the longest row in it."""
+    return ids[:, : max(int(lengths.max()), 1)] if len(lengths) else ids[:, :1]
+
+
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, generator: torch.Generator,
+                            bucket_batches: int = 50) -> list[np.ndarray]:
+    """Shuffled batches of row indices in which rows of similar length sit together, so per-batch padding
+    stays small: shuffle, sort each window of ``bucket_batches`` batches by length, cut into batches, and
+    shuffle the batch order. Drops the last partial batch (every DDP rank must take the same steps)."""
+    order = torch.randperm(len(lengths), generator=generator).numpy()
+    window = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = order[start:start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
+
+
+def mask_tokens(ids: torch.Tensor, vocab_size: int, generator: torch.Generator | None = None,
+                mask_prob: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's corruption for masked-language modelling: pick ``mask_prob`` of the real (non-special)
+    tokens; of those 80 % become [MASK], 10 % a random token, 10 % stay as they are. Returns (corrupted
+    ids, labels) with labels = the original token at picked positions, IGNORE_INDEX elsewhere."""
+    ids = ids.clone()
+    maskable = ids >= len(SPECIAL_TOKENS)
+    rand = torch.rand(ids.shape, generator=generator, device=ids.device)
+    picked = maskable & (rand < mask_prob)
+    labels = torch.where(picked, ids, torch.full_like(ids, IGNORE_INDEX))
+    how = torch.rand(ids.shape, generator=generator, device=ids.device)
+    ids[picked & (how < 0.8)] = MASK_ID
+    random_slot = picked & (how >= 0.8) & (how < 0.9)
+    random_ids = torch.randint(len(SPECIAL_TOKENS), vocab_size, ids.shape, generator=generator, device=ids.device)
+    ids[random_slot] = random_ids[random_slot]
+    return ids, labels

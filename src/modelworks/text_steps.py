@@ -1,0 +1,98 @@
+"""The Transformer's training math as plain PyTorch functions: no Ray here, so they are unit-tested
+directly and run as they are on a GPU machine (bench/gpu_check.py).
+
+- ``param_groups``: AdamW's weight decay on weight matrices only; none on biases, LayerNorm, embeddings.
+- ``warmup_cosine``: learning-rate factor per optimizer step: linear warm-up, then cosine decay to a floor.
+- ``train_step``: one optimizer step over one or more micro-batches (gradient accumulation), with
+  gradient clipping and bf16 autocast on CUDA (fp32 on CPU, where bf16 matmuls are slower).
+- ``eval_step``: loss sum, correct count and count for one batch, without gradients.
+
+A batch is ``{"ids": LongTensor (B, T)}`` plus ``"y"`` (classification, (B,)) or ``"labels"`` (masked
+LM, (B, T) with IGNORE_INDEX at unmasked positions).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelworks.data.text import PAD_ID
+from modelworks.models.transformer import IGNORE_INDEX
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only the matrices of Linear layers: decaying norms, biases or embeddings pulls them towards 0
+    for no gain in generalisation (BERT, GPT-2 and nanoGPT all exclude them)."""
+    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier at optimizer step ``step`` (0-based): 0 -> 1 linearly over warm-up, then a cosine
+    from 1 down to ``min_ratio`` at ``total_steps``."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast(device: torch.device):
+    """bf16 on CUDA (tensor cores, no loss scaling needed); plain fp32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def loss_of(model: nn.Module, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss, predictions, targets) for a classification or a masked-LM batch."""
+    if "labels" in batch:  # masked LM: the model scores only the masked positions
+        targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
+        logits = model(batch["ids"], batch["labels"])
+    else:
+        targets = batch["y"]
+        logits = model(batch["ids"])
+    loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+    return loss, logits.argmax(-1), targets
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict], *,
+               scheduler=None, max_grad_norm: float | None = 1.0, label_smoothing: float = 0.0,
+               device: torch.device = torch.device("cpu")) -> dict:
+    """One optimizer step. Gradients of the micro-batches add up (each scaled by 1/len), so k micro-batches
+    of b rows train like one batch of k*b. Under DDP only the last micro-batch synchronises gradients.
+    Returns {"loss": mean loss, "targets": count, "tokens": real tokens seen}."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    total, targets, tokens = 0.0, 0, 0
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync, autocast(device):
+            loss, _, tgt = loss_of(model, batch, label_smoothing)
+            (loss / len(micro_batches)).backward()
+        total += loss.item()
+        targets += len(tgt)
+        tokens += int((batch["ids"] != PAD_ID).sum())
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return {"loss": total / len(micro_batches), "targets": targets, "tokens": tokens}
+
+
+@torch.no_grad()
+def eval_step(model: nn.Module, batch: dict, device: torch.device = torch.device("cpu")) -> dict:
+    """Summed loss, correct predictions and count for one batch (sums, so ranks and batches add up)."""
+    model.eval()
+    with autocast(device):
+        loss, pred, targets = loss_of(model, batch)
+    return {"loss_sum": float(loss) * len(targets), "correct": int((pred == targets).sum()), "count": len(targets)}

@@ -1,0 +1,214 @@
+"""Ray Train for the Transformer: one worker loop for both text tasks, and its TorchTrainer driver.
+
+- ``task="mlm"``: the pre-training step (masked-language modelling on the training sentences and any
+  extra corpus); settings from ``cfg.pretrain``.
+- ``task="classify"``: the fine-tuning step (a label per sentence); settings from ``cfg.train``. Its
+  encoder starts from a pre-trained checkpoint when one is given (``init_encoder``), else from scratch.
+
+The math of a step lives in ``text_steps`` (plain PyTorch); the lines marked ``# Ray`` are the only Ray
+calls. Each worker reads its shard of token ids once through Ray Data, keeps it in memory, and every
+epoch draws length-bucketed batches padded to their own longest row. Checkpoints are
+``checkpoint_epoch=N`` as for images; rerunning the same run resumes from the last one.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from modelworks import checkpoint, text_steps
+from modelworks.config import WorkflowConfig
+from modelworks.data import preprocess
+from modelworks.data.text import TextPreprocessor, length_bucketed_batches, mask_tokens, trim
+from modelworks.models import build_model
+from modelworks.train import plan_cpus, resume_epoch
+
+TASKS = ("mlm", "classify")
+_EVAL_BATCH = 256
+# Masks for validation batches come from fixed seeds, so the masked-LM validation loss of different
+# epochs is measured on the same corruption and the curve compares like with like.
+_VAL_MASK_SEED = 12345
+
+
+def text_model_spec(cfg: WorkflowConfig, pre: TextPreprocessor, task: str) -> dict:
+    m = cfg.model
+    return {"name": "transformer", "head": task, "vocab_size": pre.vocab_size, "max_len": pre.max_len,
+            "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
+            "dropout": m.dropout, "pad_id": 0, "pooling": m.pooling, "use_sdpa": m.use_sdpa,
+            "num_classes": pre.num_classes}
+
+
+def _all_reduce(values: list[float], op=None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _collect(shard) -> dict[str, np.ndarray]:
+    """This worker's shard as arrays (ids, length[, y]): read once, reused every epoch."""
+    parts: dict[str, list] = {}
+    for batch in shard.iter_batches(batch_size=8192, batch_format="numpy"):  # Ray
+        for k, v in batch.items():
+            parts.setdefault(k, []).append(v)
+    if not parts:
+        return {"ids": np.zeros((0, 1), np.int32), "length": np.zeros(0, np.int32)}
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def make_batch(rows: dict[str, np.ndarray], idx: np.ndarray, task: str, vocab_size: int, mask_prob: float,
+               generator: torch.Generator, device: torch.device) -> dict:
+    ids = torch.from_numpy(trim(rows["ids"][idx], rows["length"][idx])).long()
+    if task == "mlm":
+        ids, labels = mask_tokens(ids, vocab_size, generator, mask_prob)
+        return {"ids": ids.to(device), "labels": labels.to(device)}
+    return {"ids": ids.to(device), "y": torch.from_numpy(rows["y"][idx]).long().to(device)}
+
+
+def evaluate_rows(model, rows: dict[str, np.ndarray], task: str, vocab_size: int, mask_prob: float,
+                  device: torch.device) -> dict:
+    """Summed loss/correct/count over all rows (batches sorted by length: little padding)."""
+    total = {"loss_sum": 0.0, "correct": 0, "count": 0}
+    order = np.argsort(rows["length"], kind="stable")
+    for i in range(0, len(order), _EVAL_BATCH):
+        gen = torch.Generator().manual_seed(_VAL_MASK_SEED + i)
+        batch = make_batch(rows, order[i:i + _EVAL_BATCH], task, vocab_size, mask_prob, gen, device)
+        for k, v in text_steps.eval_step(model, batch, device).items():
+            total[k] += v
+    return total
+
+
+def text_train_loop(loop_cfg: dict) -> None:
+    cfg = WorkflowConfig.model_validate(loop_cfg["config"])
+    task, spec = loop_cfg["task"], loop_cfg["spec"]
+    hp = cfg.pretrain if task == "mlm" else cfg.train
+    pre = preprocess.from_json(loop_cfg["preprocessor"])
+    torch.set_num_threads(loop_cfg["threads"])
+    ctx = ray.train.get_context()  # Ray
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")  # Ray
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+
+    model = build_model(spec)
+    init_from = loop_cfg.get("init_encoder")
+    if init_from:  # fine-tuning: the encoder starts as the pre-trained one (loaded and checksum-verified)
+        model.encoder.load_state_dict(checkpoint.load(init_from).model.encoder.state_dict())
+    init_digest = checkpoint.state_digest(model.encoder) if hasattr(model, "encoder") else None
+
+    train_rows, val_rows = _collect(ray.train.get_dataset_shard("train")), _collect(ray.train.get_dataset_shard("val"))  # Ray
+    accum = max(1, hp.grad_accum)
+    local_bs = max(1, hp.batch_size // (world * accum))  # the configured batch is global
+    # Every rank must take the same number of steps, or DDP's all-reduce waits forever.
+    steps = int(_all_reduce([len(train_rows["length"]) // (local_bs * accum)],
+                            dist.ReduceOp.MIN if world > 1 else None)[0])
+    total_steps = max(1, steps * hp.epochs)
+    warmup = int(hp.warmup_ratio * total_steps)
+    min_ratio = hp.min_lr / hp.lr
+
+    optimizer = torch.optim.AdamW(text_steps.param_groups(model, hp.weight_decay), lr=hp.lr,
+                                  betas=(0.9, hp.beta2))
+    schedule = (lambda s: 1.0) if hp.lr_schedule == "constant" else (
+        lambda s: text_steps.warmup_cosine(s, warmup, total_steps, min_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    start_epoch, history = 1, []
+    resume = ray.train.get_checkpoint()  # Ray
+    if resume:
+        with resume.as_directory() as d:
+            loaded = checkpoint.load(d)
+            model.load_state_dict(loaded.model.state_dict())
+            state = checkpoint.load_train_state(d) or {}
+            if "optimizer" in state:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+            start_epoch = loaded.metrics["epoch"] + 1
+            history = loaded.metrics.get("history", [])
+            init_from, init_digest = loaded.metrics.get("init_from"), loaded.metrics.get("init_encoder_sha256")
+    model = ray.train.torch.prepare_model(model)  # Ray: DDP (gloo on CPU, nccl on GPU) when world > 1
+
+    mask_prob = cfg.pretrain.mask_prob
+    for epoch in range(start_epoch, hp.epochs + 1):
+        gen = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch * 1009 + rank)
+        batches = length_bucketed_batches(train_rows["length"], local_bs, gen)[: steps * accum]
+        t0 = time.perf_counter()
+        loss_sum = targets = tokens = 0.0
+        for i in range(0, len(batches), accum):
+            micro = [make_batch(train_rows, idx, task, pre.vocab_size, mask_prob, gen, device)
+                     for idx in batches[i:i + accum]]
+            out = text_steps.train_step(model, optimizer, micro, scheduler=scheduler, max_grad_norm=hp.grad_clip,
+                                        label_smoothing=getattr(hp, "label_smoothing", 0.0), device=device)
+            loss_sum += out["loss"] * out["targets"]
+            targets += out["targets"]
+            tokens += out["tokens"]
+        train_time = time.perf_counter() - t0
+        val = evaluate_rows(model, val_rows, task, pre.vocab_size, mask_prob, device)
+        loss_sum, targets, tokens, v_loss, v_correct, v_count = _all_reduce(
+            [loss_sum, targets, tokens, val["loss_sum"], val["correct"], val["count"]])
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(targets, 1),
+            "val_loss": v_loss / max(v_count, 1),
+            # classification: sentence accuracy; masked LM: accuracy at the masked positions
+            "val_accuracy": v_correct / max(v_count, 1),
+            "train_samples": int(steps * local_bs * accum * world),
+            "samples_per_s": steps * local_bs * accum * world / max(train_time, 1e-9),
+            "tokens_per_s": tokens / max(train_time, 1e-9),  # all ranks' real (non-padding) tokens per second
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        history.append(metrics)
+        if rank == 0:
+            print(f"[modelworks] {task} epoch {epoch}/{hp.epochs}  train_loss={metrics['train_loss']:.4f}  "
+                  f"val_loss={metrics['val_loss']:.4f}  val_acc={metrics['val_accuracy']:.4f}  "
+                  f"{metrics['tokens_per_s']:.0f} tokens/s", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                inner = model.module if hasattr(model, "module") else model
+                checkpoint.save(tmp, model=inner, spec=spec, preprocessor=pre,
+                                metrics={**metrics, "history": history, "task": task, "init_from": init_from,
+                                         "init_encoder_sha256": init_digest},
+                                config=cfg.model_dump(mode="json"),
+                                train_state={"optimizer": optimizer.state_dict(),
+                                             "scheduler": scheduler.state_dict(), "epoch": epoch})
+                ckpt = ray.train.Checkpoint.from_directory(tmp)  # Ray
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch={epoch}")  # Ray
+
+
+def fit_text(cfg: WorkflowConfig, task: str, datasets: dict[str, ray.data.Dataset], pre: TextPreprocessor,
+             spec: dict, storage: Path, name: str, *, init_encoder: str | None = None, log=print) -> Path:
+    """Train (or resume) one text step; returns its directory ``storage/name`` holding the checkpoints."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    hp = cfg.pretrain if task == "mlm" else cfg.train
+    run_dir = storage / name
+    last = resume_epoch(run_dir)
+    if last:
+        if last >= hp.epochs:
+            log(f"      {task}: all {hp.epochs} epochs already done; skipping")
+            return run_dir
+        log(f"      resuming {task} from checkpoint_epoch={last} (epochs 1-{last} are done)")
+    plan = plan_cpus(cfg.train.workers, cfg.train.use_gpu)
+    trainer = TorchTrainer(
+        text_train_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "task": task, "preprocessor": pre.to_json(),
+                           "spec": spec, "init_encoder": init_encoder,
+                           "threads": plan.threads},
+        datasets={"train": datasets["train"], "val": datasets["val"]},
+        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": plan.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+    )
+    trainer.fit()
+    return run_dir

@@ -1,0 +1,29 @@
+"""The founding document's subject: a Transformer encoder, pre-trained then fine-tuned (SST-2 sentiment).
+
+Two chained steps in one run:
+1. pretrain: masked-language modelling (15 % of tokens; 80/10/10 [MASK]/random/kept) on the 67,349
+   training sentences, labels unused; the encoder is registered as `sst2-encoder`.
+2. train: a sentence classifier whose encoder starts as step 1's, fine-tuned on the labels; then
+   evaluate on the official validation (872) and test (1,821) splits and register as `sst2`.
+
+`--set pretrain.enabled=false` fine-tunes from scratch with the same budget (the baseline).
+Reads $MODELWORKS_DATA_DIR/sst2/{train,validation,test}.csv.gz (or --data-dir).
+"""
+from modelworks.config import (DataConfig, EvaluateConfig, ModelConfig, PretrainConfig, RegisterConfig, ServeConfig,
+                               TrainConfig, WorkflowConfig)
+
+CONFIG = WorkflowConfig(
+    name="sst2",
+    steps=["pretrain", "train", "evaluate", "register"],
+    data=DataConfig(source="text", name="sst2"),
+    # 4 pre-LN blocks of width 128: what 2 CPU cores train through ~20 epochs of SST-2 in the time budget.
+    model=ModelConfig(name="transformer", d_model=128, n_layers=4, n_heads=4, d_ff=512, max_len=64,
+                      vocab_size=8000, dropout=0.1, pooling="mean"),
+    pretrain=PretrainConfig(epochs=10, batch_size=128, lr=1e-3, warmup_ratio=0.06, weight_decay=0.01,
+                            mask_prob=0.15),
+    train=TrainConfig(epochs=3, batch_size=32, lr=3e-4, weight_decay=0.01, warmup_ratio=0.06,
+                      grad_clip=1.0),
+    evaluate=EvaluateConfig(batch_size=512),
+    registry=RegisterConfig(min_accuracy=0.80),
+    serve=ServeConfig(max_batch_size=64, batch_wait_timeout_s=0.005),
+)
