@@ -188,13 +188,14 @@ def fit_text(cfg: WorkflowConfig, task: str, datasets: dict[str, ray.data.Datase
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     hp = cfg.pretrain if task == "mlm" else cfg.train
+    step = "pretrain" if task == "mlm" else "train"
     run_dir = storage / name
     last = resume_epoch(run_dir)
     if last:
         if last >= hp.epochs:
-            log(f"      {task}: all {hp.epochs} epochs already done; skipping")
+            log(f"      {step}: all {hp.epochs} epochs already done; skipping")
             return run_dir
-        log(f"      resuming {task} from checkpoint_epoch={last} (epochs 1-{last} are done)")
+        log(f"      resuming {step} from checkpoint_epoch={last} (epochs 1-{last} are done)")
     plan = plan_cpus(cfg.train.workers, cfg.train.use_gpu)
     trainer = TorchTrainer(
         text_train_loop,
