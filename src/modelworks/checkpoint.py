@@ -66,7 +66,9 @@ def verify(directory: str | Path) -> None:
     for line in sums_file.read_text().splitlines():
         digest, _, name = line.partition("  ")
         listed[name] = digest
-    for name in REQUIRED:
+    # A text checkpoint's tokenizer decides what the model reads: it must be covered like the weights.
+    required = REQUIRED + (("tokenizer.json",) if (d / "tokenizer.json").exists() else ())
+    for name in required:
         if name not in listed:
             raise CheckpointError(f"checkpoint {d}: {name} is not covered by {SUMS}; refusing to load it")
     for name, digest in listed.items():

@@ -193,6 +193,8 @@ class ServeConfig(_Strict):
     request_timeout_s: float = Field(30.0, gt=0)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_inputs: int = Field(256, ge=1)
+    max_text_chars: int = Field(2000, ge=1, description="text models: characters per text; a longer text is refused "
+                                                        "(422), not truncated")
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
     replica_cpus: float = Field(0.5, gt=0, description="CPUs reserved per replica (2 replicas fit in 1 CPU)")
@@ -239,9 +241,9 @@ class WorkflowConfig(_Strict):
             raise ValueError("steps: 'pretrain' (masked-language modelling) needs model.name='transformer'")
         if "register" in self.steps and "evaluate" not in self.steps:
             raise ValueError("steps: 'register' needs 'evaluate' (the gate reads the test metrics)")
-        if self.search.enabled and "pretrain" in self.steps:
-            raise ValueError("search.enabled with a 'pretrain' step is not supported yet; search the fine-tune "
-                             "with train.init_from=NAME@VERSION instead")
+        if self.search.enabled and text_model:
+            raise ValueError("search.enabled: searching a transformer is not supported yet; run the text workflow "
+                             "without search")
         return self
 
     def digest(self) -> str:

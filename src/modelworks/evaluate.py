@@ -96,6 +96,14 @@ def _wrong_table(title: str, rows: list[dict]) -> list[str]:
             *[f"| {cell(r['text'])} | {r['true']} | {r['predicted']} | {r['probability']:.3f} |" for r in rows], ""]
 
 
+def _model_summary(model: dict) -> dict:
+    """The model config fields that apply to this kind of model."""
+    mlp_only, transformer_only = {"hidden_sizes"}, {"d_model", "n_layers", "n_heads", "d_ff", "max_len",
+                                                   "vocab_size", "pooling", "use_sdpa"}
+    drop = transformer_only if model.get("name") == "mlp" else mlp_only
+    return {k: v for k, v in model.items() if k not in drop}
+
+
 def write_report(out: Path, run_name: str, ckpt: Path, metrics: dict, history: list[dict], config: dict) -> Path:
     speed = "tokens_per_s" if history and "tokens_per_s" in history[0] else "samples_per_s"
     lines = [
@@ -104,7 +112,7 @@ def write_report(out: Path, run_name: str, ckpt: Path, metrics: dict, history: l
         f"- best checkpoint (by {config['evaluate']['metric']}): `{ckpt.name}`",
         f"- **test accuracy: {metrics['test_accuracy']:.4f}** on {metrics['test_samples']} held-out samples "
         f"(test loss {metrics['test_loss']:.4f})",
-        f"- model: {config['model']}",
+        f"- model: {_model_summary(config['model'])}",
         f"- training: {config['train']}",
         "",
         f"| epoch | train loss | val loss | val accuracy | {speed.replace('_per_s', '/s')} |",

@@ -1,0 +1,308 @@
+"""The Transformer and its training math, checked against hand computations and invariances (no Ray).
+
+Each test states a property the model must have and would fail if it did not: the written-out attention
+against the fused one and against numbers worked out by hand, padding and causal masking, the tied MLM
+output layer, BERT's masking proportions, weight decay groups, the LR schedule, learning, and gradient
+accumulation.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from modelworks.data.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, mask_tokens
+from modelworks.models import build_model
+from modelworks.models.transformer import (IGNORE_INDEX, Encoder, MaskedLM, MultiHeadSelfAttention,
+                                           SequenceClassifier)
+from modelworks.text_steps import eval_step, param_groups, train_step, warmup_cosine
+
+VOCAB = 40
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is ~10x faster than two fighting each other on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_encoder(use_sdpa: bool = True, seed: int = 0, dropout: float = 0.0, n_layers: int = 2) -> Encoder:
+    torch.manual_seed(seed)
+    return Encoder(vocab_size=VOCAB, max_len=16, d_model=16, n_layers=n_layers, n_heads=4, d_ff=32,
+                   dropout=dropout, pad_id=PAD_ID, use_sdpa=use_sdpa)
+
+
+def tiny_classifier(use_sdpa: bool = True, seed: int = 0) -> SequenceClassifier:
+    model = SequenceClassifier(tiny_encoder(use_sdpa, seed), num_classes=3, dropout=0.0)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------- attention
+@pytest.mark.parametrize("causal", [False, True], ids=["padding-mask", "padding+causal"])
+def test_written_out_attention_equals_sdpa(causal):
+    fused = tiny_encoder(use_sdpa=True).eval()
+    written = tiny_encoder(use_sdpa=False).eval()
+    written.load_state_dict(fused.state_dict())
+    assert all(not b.attn.use_sdpa for b in written.blocks) and all(b.attn.use_sdpa for b in fused.blocks)
+    ids = torch.tensor([[CLS_ID, 7, 8, 9, 10, 11, SEP_ID],
+                        [CLS_ID, 12, 13, SEP_ID, PAD_ID, PAD_ID, PAD_ID]])
+    with torch.no_grad():
+        a, b = fused(ids, causal=causal), written(ids, causal=causal)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # The comparison is not vacuous: the mask matters for the result.
+    with torch.no_grad():
+        other = written(ids, causal=not causal)
+    assert not torch.allclose(b, other, atol=1e-3)
+
+
+def hand_attention(use_sdpa: bool) -> MultiHeadSelfAttention:
+    """d_model = d_k = 2, one head, W_Q = I, W_K = 2I, W_V = [[1, 2], [3, 4]], W_O = I, no biases."""
+    attn = MultiHeadSelfAttention(d_model=2, n_heads=1, dropout=0.0, use_sdpa=use_sdpa).eval()
+    with torch.no_grad():
+        attn.qkv.weight.copy_(torch.tensor([[1., 0.], [0., 1.],      # W_Q
+                                            [2., 0.], [0., 2.],      # W_K
+                                            [1., 2.], [3., 4.]]))    # W_V (Linear: v = W_V x)
+        attn.qkv.bias.zero_()
+        attn.out.weight.copy_(torch.eye(2))
+        attn.out.bias.zero_()
+    return attn
+
+
+@pytest.mark.parametrize("use_sdpa", [False, True], ids=["written-out", "sdpa"])
+def test_attention_matches_a_hand_computation(use_sdpa):
+    # Two tokens x1 = (1, 0), x2 = (0, 1).  q_i = x_i, k_i = 2 x_i, v1 = (1, 3), v2 = (2, 4).
+    # Q Kᵀ / √2 = [[2, 0], [0, 2]] / √2 = [[√2, 0], [0, √2]]
+    # softmax row 1 = (e^√2, 1) / (e^√2 + 1) = (0.8044297, 0.1955703); row 2 is its mirror.
+    # out1 = 0.8044297 (1, 3) + 0.1955703 (2, 4) = (1.1955703, 3.1955703)
+    # out2 = 0.1955703 (1, 3) + 0.8044297 (2, 4) = (1.8044297, 3.8044297)
+    w = math.exp(math.sqrt(2)) / (math.exp(math.sqrt(2)) + 1)
+    assert w == pytest.approx(0.8044297, abs=1e-7)
+    expected = torch.tensor([[[1.1955703, 3.1955703], [1.8044297, 3.8044297]]])
+    attn = hand_attention(use_sdpa)
+    x = torch.tensor([[[1., 0.], [0., 1.]]])
+    everything = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, everything), expected, atol=1e-6, rtol=0)
+        # attend() itself, on the projected q, k, v in (B, heads, T, d_k) layout.
+        q, k, v = x[:, None], 2 * x[:, None], torch.tensor([[[[1., 3.], [2., 4.]]]])
+        torch.testing.assert_close(attn.attend(q, k, v, everything), expected[:, None], atol=1e-6, rtol=0)
+        # Key 2 masked (padding): both queries can only look at token 1, so both outputs are v1 = (1, 3).
+        only_first = torch.tensor([True, False]).view(1, 1, 1, 2)
+        torch.testing.assert_close(attn(x, only_first), torch.tensor([[[1., 3.], [1., 3.]]]), atol=1e-6, rtol=0)
+        # Causal: token 1 sees only itself (v1); token 2 sees both (as above).
+        causal = torch.ones(2, 2, dtype=torch.bool).tril().view(1, 1, 2, 2)
+        torch.testing.assert_close(attn(x, causal), torch.tensor([[[1., 3.], [1.8044297, 3.8044297]]]),
+                                   atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- masks
+@pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "written-out"])
+def test_padding_does_not_change_real_positions(use_sdpa):
+    model = tiny_classifier(use_sdpa)
+    short = torch.tensor([[CLS_ID, 7, 9, 11, SEP_ID]])
+    padded = torch.tensor([[CLS_ID, 7, 9, 11, SEP_ID, PAD_ID, PAD_ID, PAD_ID]])
+    with torch.no_grad():
+        h_short, h_padded = model.encoder(short), model.encoder(padded)
+        torch.testing.assert_close(h_padded[:, :5], h_short, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(padded), model(short), atol=1e-5, rtol=1e-5)
+        # In a batch next to a longer sentence, the same sentence gets the same logits.
+        batch = torch.tensor([[CLS_ID, 7, 9, 11, SEP_ID, PAD_ID, PAD_ID, PAD_ID],
+                              [CLS_ID, 8, 8, 12, 13, 14, 15, SEP_ID]])
+        torch.testing.assert_close(model(batch)[0], model(short)[0], atol=1e-5, rtol=1e-5)
+        # Control: the same padded input with padding *not* masked (pad_id no token has) differs.
+        model.encoder.pad_id = -1
+        assert not torch.allclose(model.encoder(padded)[:, :5], h_short, atol=1e-3)
+
+
+def test_mean_pooling_averages_real_positions_only():
+    model = tiny_classifier()
+    ids = torch.tensor([[CLS_ID, 7, 9, SEP_ID, PAD_ID, PAD_ID],
+                        [CLS_ID, 8, 10, 12, 14, SEP_ID]])
+    with torch.no_grad():
+        h = model.encoder(ids)
+        expected = torch.stack([h[0, :4].mean(0), h[1].mean(0)])
+        torch.testing.assert_close(model(ids), model.classifier(expected), atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(model(ids)[0], model.classifier(h[0].mean(0)), atol=1e-4)  # pads would count
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "written-out"])
+def test_causal_mask_hides_later_tokens(use_sdpa):
+    enc = tiny_encoder(use_sdpa).eval()
+    a = torch.tensor([[CLS_ID, 7, 9, 11, 13, SEP_ID]])
+    b = a.clone()
+    b[0, 3] = 20  # change the 4th token
+    with torch.no_grad():
+        ha, hb = enc(a, causal=True), enc(b, causal=True)
+        torch.testing.assert_close(ha[:, :3], hb[:, :3], atol=1e-6, rtol=1e-6)  # earlier positions: unchanged
+        assert not torch.allclose(ha[:, 3:], hb[:, 3:], atol=1e-4)              # it and later ones: changed
+        # Control: without the causal mask the first position does see the change.
+        assert not torch.allclose(enc(a)[:, 0], enc(b)[:, 0], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- heads
+def test_masked_lm_output_layer_is_the_token_embedding():
+    torch.manual_seed(0)
+    model = MaskedLM(tiny_encoder()).eval()
+    # No second (vocab x d_model) matrix anywhere: the output layer *is* the embedding.
+    big = [n for n, p in model.named_parameters() if p.shape == (VOCAB, 16)]
+    assert big == ["encoder.tok.weight"]
+    ids = torch.tensor([[CLS_ID, 7, 9, 11, SEP_ID]])
+    with torch.no_grad():
+        before = model(ids)
+        h = model.transform(model.encoder(ids).reshape(-1, 16))
+        torch.testing.assert_close(before, h @ model.encoder.tok.weight.T + model.bias)
+        # Change the embedding of token 30 (not in the input): exactly its output column moves.
+        model.encoder.tok.weight[30] += 1.0
+        after = model(ids)
+    torch.testing.assert_close(after[:, 30], before[:, 30] + h.sum(-1))
+    others = [i for i in range(VOCAB) if i != 30]
+    torch.testing.assert_close(after[:, others], before[:, others])
+    # Training the output side trains the embedding: a loss on token 30's score reaches its embedding row.
+    model.zero_grad()
+    model(ids)[:, 30].sum().backward()
+    assert model.encoder.tok.weight.grad[30].abs().sum() > 0
+
+
+def test_masked_lm_scores_only_masked_positions():
+    torch.manual_seed(0)
+    model = MaskedLM(tiny_encoder()).eval()
+    ids = torch.tensor([[CLS_ID, 7, MASK_ID, 11, SEP_ID], [CLS_ID, MASK_ID, 9, MASK_ID, SEP_ID]])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 2], labels[1, 1], labels[1, 3] = 8, 10, 12
+    with torch.no_grad():
+        logits = model(ids, labels)
+        full = model(ids).view(2, 5, VOCAB)
+    assert logits.shape == (3, VOCAB)
+    torch.testing.assert_close(logits, torch.stack([full[0, 2], full[1, 1], full[1, 3]]))
+
+
+def test_build_from_spec():
+    spec = {"name": "transformer", "vocab_size": VOCAB, "max_len": 16, "d_model": 16, "n_layers": 1,
+            "n_heads": 2, "d_ff": 32, "dropout": 0.0, "pad_id": 0, "num_classes": 2}
+    assert isinstance(build_model({**spec, "head": "classify"}), SequenceClassifier)
+    assert isinstance(build_model({**spec, "head": "mlm"}), MaskedLM)
+    with pytest.raises(ValueError, match="unknown transformer head"):
+        build_model({**spec, "head": "seq2seq"})
+    with pytest.raises(ValueError, match="longer than max_len"):
+        build_model({**spec, "head": "classify"})(torch.ones(1, 17, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------- masking
+def test_mask_tokens_follows_bert_proportions():
+    g = torch.Generator().manual_seed(0)
+    vocab = 1000
+    ids = torch.randint(len(SPECIAL_TOKENS), vocab, (1000, 64), generator=g)
+    ids[:, 0] = CLS_ID
+    lengths = torch.randint(10, 64, (1000,), generator=g)
+    ids[torch.arange(1000), lengths] = SEP_ID
+    ids[torch.arange(64)[None, :] > lengths[:, None]] = PAD_ID
+    ids[::7, 5] = 1  # some [UNK]s
+    original = ids.clone()
+    out, labels = mask_tokens(ids, vocab, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ids, original)  # the input is not modified in place
+
+    special = original < len(SPECIAL_TOKENS)
+    picked = labels != IGNORE_INDEX
+    assert not (picked & special).any()                       # specials never picked ...
+    assert torch.equal(out[special], original[special])       # ... nor changed
+    assert torch.equal(out[~picked], original[~picked])       # nothing outside the picked positions changes
+    assert torch.equal(labels[picked], original[picked])      # labels are the original tokens
+    real = int((~special).sum())
+    assert real > 20_000
+    assert 0.14 < picked.sum() / real < 0.16
+
+    n = int(picked.sum())
+    masked = (out == MASK_ID) & picked
+    kept = (out == original) & picked
+    randomised = picked & ~masked & ~kept
+    assert 0.77 < masked.sum() / n < 0.83
+    assert 0.08 < randomised.sum() / n < 0.12
+    assert 0.08 < kept.sum() / n < 0.12
+    assert (out[randomised] >= len(SPECIAL_TOKENS)).all() and (out[randomised] < vocab).all()
+
+
+# ------------------------------------------------------------------------------- optimiser and schedule
+def test_param_groups_decay_only_linear_weights():
+    for model in (tiny_classifier(), MaskedLM(tiny_encoder())):
+        groups = param_groups(model, weight_decay=0.01)
+        names = {id(p): n for n, p in model.named_parameters()}
+        decay = {names[id(p)] for p in groups[0]["params"]}
+        no_decay = {names[id(p)] for p in groups[1]["params"]}
+        assert (groups[0]["weight_decay"], groups[1]["weight_decay"]) == (0.01, 0.0)
+        assert not decay & no_decay and decay | no_decay == set(names.values())
+        linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        assert decay == linear_weights
+        assert {"encoder.tok.weight", "encoder.pos.weight", "encoder.ln_f.weight", "encoder.blocks.0.ln1.weight",
+                "encoder.blocks.0.attn.qkv.bias"} <= no_decay
+        assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_warmup_cosine_shape():
+    f = [warmup_cosine(s, warmup_steps=10, total_steps=110, min_ratio=0.1) for s in range(121)]
+    assert f[0] == pytest.approx(0.1)
+    assert all(f[s + 1] - f[s] == pytest.approx(0.1) for s in range(9))  # linear rise
+    assert f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0) and max(f) == pytest.approx(1.0)
+    assert all(f[s + 1] <= f[s] + 1e-12 for s in range(10, 120))        # then never rises
+    assert f[60] == pytest.approx((1 + 0.1) / 2)                          # half-way down the cosine
+    assert f[110] == pytest.approx(0.1) and f[120] == pytest.approx(0.1)  # ends (and stays) at min_ratio
+    assert warmup_cosine(0, 0, 100) == pytest.approx(1.0) and warmup_cosine(100, 0, 100) == pytest.approx(0.0)
+
+
+# --------------------------------------------------------------------------------------------- training
+def learnable_task(n: int, seed: int) -> dict:
+    """Label = which of tokens 6/7/8 the sentence holds (exactly one, among noise tokens >= 9); the second
+    half of the rows are shorter (padded), so padding is part of every batch."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(9, VOCAB, (n, 8), generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    ids[torch.arange(n), torch.randint(1, 4, (n,), generator=g)] = 6 + y
+    ids[:, 0], ids[:, 7] = CLS_ID, SEP_ID
+    ids[n // 2:, 4], ids[n // 2:, 5:] = SEP_ID, PAD_ID
+    return {"ids": ids, "y": y}
+
+
+def test_train_step_learns_a_tiny_task():
+    torch.manual_seed(0)
+    model = SequenceClassifier(tiny_encoder(n_layers=1), num_classes=3, dropout=0.0)
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=3e-3)
+    data = learnable_task(64, seed=0)
+    losses = []
+    for step in range(30):
+        rows = torch.arange(step * 16, step * 16 + 16) % 64
+        out = train_step(model, opt, [{"ids": data["ids"][rows], "y": data["y"][rows]}])
+        assert out["targets"] == 16 and out["tokens"] == int((data["ids"][rows] != PAD_ID).sum())
+        losses.append(out["loss"])
+    assert losses[0] == pytest.approx(math.log(3), abs=0.15)  # chance level at the start
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
+    result = eval_step(model, data)
+    assert result["count"] == 64 and result["correct"] >= 56
+    assert result["loss_sum"] / 64 < 0.5 * losses[0]
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    one = SequenceClassifier(tiny_encoder(n_layers=1), num_classes=3, dropout=0.0).double()
+    two = copy.deepcopy(one)
+    data = learnable_task(8, seed=3)
+    full = {"ids": data["ids"], "y": data["y"]}
+    halves = [{"ids": data["ids"][i::2], "y": data["y"][i::2]} for i in (0, 1)]  # both have short rows
+    opt_one = torch.optim.SGD(one.parameters(), lr=0.5)
+    opt_two = torch.optim.SGD(two.parameters(), lr=0.5)
+    r1 = train_step(one, opt_one, [full], max_grad_norm=None)  # clipping would hide a scale error
+    r2 = train_step(two, opt_two, halves, max_grad_norm=None)
+    # loss_of scores the logits in float32 (bf16 autocast on GPUs), so float64 agrees to float32 precision.
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-6)
+    assert (r1["targets"], r1["tokens"]) == (r2["targets"], r2["tokens"])
+    for (name, p1), p2 in zip(one.named_parameters(), two.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, atol=1e-7, rtol=1e-5, msg=name)
+        torch.testing.assert_close(p1, p2, atol=1e-7, rtol=1e-5, msg=name)
+    # Control: the step did move the weights (the comparison is not between two untouched copies).
+    fresh = SequenceClassifier(tiny_encoder(n_layers=1), num_classes=3, dropout=0.0).double()
+    assert not torch.allclose(fresh.classifier.weight, one.classifier.weight)
