@@ -3,7 +3,13 @@ single-process server serving the same registered model, side by side in one run
 
     .venv/bin/python bench/serve_load.py                       # MNIST-shaped 784-256-128-10 MLP stand-in
     .venv/bin/python bench/serve_load.py --hidden 1024,1024    # a model whose forward pass costs more
+    .venv/bin/python bench/serve_load.py --model text --sizes 1 --concurrency 64   # SST-2-sized Transformer
     .venv/bin/python bench/serve_load.py --model mnist@production --registry ~/.modelworks/registry
+
+`--model text` registers a Transformer classifier of workflows/sst2.py's size (d_model 128, 4 layers, 4 heads,
+d_ff 512, max_len 64) with random weights and a WordPiece tokenizer (vocabulary 8,000) fitted on SST-2's
+training sentences ($MODELWORKS_DATA_DIR/sst2/train.csv.gz; generated sentences when absent), and sends
+SST-2 validation sentences (or generated ones), each request its own sentence(s). Rates are then sentences/s.
 
 For each concurrency (1, 16, 64) and request size (1 and 64 images) it runs C keep-alive connections, each
 sending its next request as soon as the previous answer arrives, for at most --seconds and --max-requests,
@@ -42,6 +48,7 @@ def plain_app():
     from fastapi import FastAPI, Request
     from fastapi.responses import Response
 
+    from modelworks.config import ServeConfig
     from modelworks.registry import Registry
     from modelworks.serve import schemas
 
@@ -49,7 +56,8 @@ def plain_app():
     torch.set_num_threads(1)
     loaded, version = Registry(registry).load(model)
     name = model.partition("@")[0]
-    spec = schemas.InputSpec(tuple(loaded.preprocessor.input_shape), 256)
+    spec = schemas.spec_for(loaded.preprocessor, (loaded.config.get("data") or {}).get("source"), 256,
+                            ServeConfig().max_text_chars)
     names = [str(c) for c in loaded.class_names]
     app = FastAPI()
 
@@ -100,9 +108,11 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     return status, headers.get("connection", "").lower() != "close"
 
 
-async def closed_loop(port: int, path: str, body: bytes, concurrency: int, seconds: float, max_requests: int) -> dict:
-    request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n").encode() + body
+async def closed_loop(port: int, path: str, bodies: list[bytes], concurrency: int, seconds: float,
+                      max_requests: int) -> dict:
+    """Request i sends bodies[i % len(bodies)] (the text bench sends different sentences)."""
+    payloads = [(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n").encode() + body for body in bodies]
     latencies: list[float] = []
     errors = 0
     error_kinds: dict[str, int] = {}
@@ -113,6 +123,7 @@ async def closed_loop(port: int, path: str, body: bytes, concurrency: int, secon
         nonlocal errors, sent
         reader = writer = None
         while time.perf_counter() < t_end and sent < max_requests:
+            request = payloads[sent % len(payloads)]
             sent += 1
             t0 = time.perf_counter()
             try:
@@ -147,6 +158,26 @@ async def closed_loop(port: int, path: str, body: bytes, concurrency: int, secon
             "p99_ms": round(float(np.percentile(lat, 99)), 2), "error_kinds": error_kinds}
 
 
+def sst2_sentences(split: str) -> list[str] | None:
+    """SST-2 sentences of ``split`` from $MODELWORKS_DATA_DIR/sst2, or None when the dataset is not there."""
+    path = Path(os.environ.get("MODELWORKS_DATA_DIR", "")) / "sst2" / f"{split}.csv.gz"
+    if not os.environ.get("MODELWORKS_DATA_DIR") or not path.is_file():
+        return None
+    import pandas as pd
+
+    return pd.read_csv(path, dtype=str, keep_default_na=False)["text"].tolist()
+
+
+def generated_sentences(n: int, seed: int) -> list[str]:
+    """Review-like sentences of 3..30 words, for when SST-2 is not at hand."""
+    rng = np.random.default_rng(seed)
+    words = ("the a this film movie story cast plot script director actors scenes ending music is was feels "
+             "looks becomes remains never always quite very too rather so and but yet with without of in about "
+             "gorgeous witty moving brilliant charming dull tedious boring clumsy lifeless awful funny smart "
+             "sentimental predictable ambitious messy thoughtful bland painful touching superb wonderful").split()
+    return [" ".join(rng.choice(words, size=rng.integers(3, 31))) for _ in range(n)]
+
+
 def wait_http(port: int, path: str, timeout: float = 60) -> None:
     import requests
 
@@ -163,12 +194,14 @@ def wait_http(port: int, path: str, timeout: float = 60) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="registered model (default: register an MNIST-shaped stand-in)")
+    ap.add_argument("--model", default="mlp",
+                    help="registered model NAME@VERSION|ALIAS, or a stand-in registered for the run: "
+                         "mlp (MNIST-shaped, see --hidden) or text (SST-2-sized Transformer)")
     ap.add_argument("--registry", help="registry root (default: a temporary one)")
     ap.add_argument("--hidden", default="256,128",
                     help="hidden layers of the stand-in MLP (784-...-10); wider = more compute per image")
     ap.add_argument("--concurrency", default="1,16,64")
-    ap.add_argument("--sizes", default="1,64", help="images per request")
+    ap.add_argument("--sizes", default="1,64", help="images (or sentences) per request")
     ap.add_argument("--seconds", type=float, default=6.0, help="per cell, per server")
     ap.add_argument("--max-requests", type=int, default=50_000, help="per cell, per server")
     ap.add_argument("--no-autoscale", action="store_true")
@@ -176,7 +209,7 @@ def main() -> int:
                     help="haproxy: what `modelworks serve` runs (modelworks.serve.SERVE_ENV: HAProxy ingress, "
                          "throughput-optimized Serve); proxy: Serve's default Python proxy")
     ap.add_argument("--no-scaled", action="store_true", help="skip the 2-replica / 2-worker columns")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_load.json"))
+    ap.add_argument("--out", help="default: bench/results/serve_load.json (serve_load_text.json for text models)")
     ap.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
@@ -200,15 +233,25 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="mw-serve-bench-")
     registry = args.registry or str(Path(tmp) / "registry")
     reg = Registry(registry)
-    model = args.model
-    if not model:
+    model, sentences_from = args.model, None
+    if model == "mlp":
         from modelworks.serve.testing import register_mnist_shaped
 
         hidden = tuple(int(h) for h in args.hidden.split(","))
         model = f"mnist-bench@{register_mnist_shaped(reg, hidden=hidden)}"
+    elif model == "text":
+        from modelworks.serve.testing import register_text_shaped
+
+        train = sst2_sentences("train")
+        t_fit = time.perf_counter()
+        model = f"sst2-bench@{register_text_shaped(reg, train or generated_sentences(20_000, seed=1))}"
+        print(f"registered {model}: tokenizer fitted on {'SST-2 train' if train else 'generated'} sentences "
+              f"in {time.perf_counter() - t_fit:.1f}s", flush=True)
     loaded, version = reg.load(model)
-    shape = list(loaded.preprocessor.input_shape)
-    dim = int(np.prod(shape))
+    is_text = loaded.preprocessor.raw_column == "text"
+    unit = "sentences" if is_text else "images"  # what the rates count
+    shape = None if is_text else list(loaded.preprocessor.input_shape)
+    out_path = Path(args.out or REPO / "bench" / "results" / f"serve_load{'_text' if is_text else ''}.json")
 
     from modelworks.serve.testing import free_port, running_replicas
 
@@ -235,11 +278,26 @@ def main() -> int:
             while running_replicas("bench") < n_replicas and time.time() < deadline:
                 time.sleep(0.5)
 
-        rng = np.random.default_rng(0)
-        bodies = {n: json.dumps({"inputs": rng.integers(0, 256, size=(n, dim)).tolist()}).encode()
-                  for n in map(int, args.sizes.split(","))}
-        cells = {(n, c): {"images_per_request": n, "concurrency": c}
+        sizes = [int(n) for n in args.sizes.split(",")]
+        if is_text:  # 256 different requests per size, cycled: the tokenizer and padding see real variety
+            sentences = sst2_sentences("validation")
+            sentences_from = "sst2/validation" if sentences else "generated"
+            sentences = sentences or generated_sentences(1000, seed=2)
+            shuffled = [sentences[i] for i in np.random.default_rng(0).permutation(len(sentences))]
+
+            def text_body(i: int, n: int) -> bytes:
+                texts = [shuffled[(i * n + k) % len(shuffled)] for k in range(n)]
+                return json.dumps({"input": texts[0]} if n == 1 else {"inputs": texts}).encode()
+
+            bodies = {n: [text_body(i, n) for i in range(256)] for n in sizes}
+        else:
+            rng = np.random.default_rng(0)
+            dim = int(np.prod(shape))
+            bodies = {n: [json.dumps({"inputs": rng.integers(0, 256, size=(n, dim)).tolist()}).encode()]
+                      for n in sizes}
+        cells = {(n, c): {f"{unit}_per_request": n, "concurrency": c}
                  for n in bodies for c in map(int, args.concurrency.split(","))}
+        abbrev = "sent/s" if is_text else "img/s"
 
         def run_cells(servers: dict[str, int]) -> None:
             for port in servers.values():  # warm up
@@ -247,10 +305,10 @@ def main() -> int:
             for (n, c), row in cells.items():
                 for label, port in servers.items():
                     r = asyncio.run(closed_loop(port, "/predict", bodies[n], c, args.seconds, args.max_requests))
-                    r["images_per_s"] = round(r["req_per_s"] * n, 1)
+                    r[f"{unit}_per_s"] = round(r["req_per_s"] * n, 1)
                     row[label] = r
-                    print(f"n={n:<3} c={c:<3} {label:<24} {r['req_per_s']:>7.1f} req/s {r['images_per_s']:>8.1f} "
-                          f"img/s p50 {r['p50_ms']:>6.1f} ms p99 {r['p99_ms']:>7.1f} ms errors {r['errors']}",
+                    print(f"n={n:<3} c={c:<3} {label:<24} {r['req_per_s']:>7.1f} req/s {r[f'{unit}_per_s']:>8.1f} "
+                          f"{abbrev} p50 {r['p50_ms']:>6.1f} ms p99 {r['p99_ms']:>7.1f} ms errors {r['errors']}",
                           flush=True)
 
         # Side by side: one replica against one plain process, each cell back to back.
@@ -261,18 +319,18 @@ def main() -> int:
             deploy(2)
             wait_http(plain2_port, "/healthz")
             run_cells({"modelworks_2_replicas": serve_port, "plain_fastapi_2_workers": plain2_port})
+        rate, ratio = f"{unit}_per_s", f"{unit}_per_s_ratio"
         for row in cells.values():
-            base = max(row["plain_fastapi"]["images_per_s"], 1e-9)
-            row["images_per_s_ratio"] = round(row["modelworks"]["images_per_s"] / base, 2)
+            base = max(row["plain_fastapi"][rate], 1e-9)
+            row[ratio] = round(row["modelworks"][rate] / base, 2)
             if scaled:
-                row["images_per_s_ratio_2_replicas"] = round(row["modelworks_2_replicas"]["images_per_s"] / base, 2)
-                row["images_per_s_ratio_2_vs_2"] = round(
-                    row["modelworks_2_replicas"]["images_per_s"]
-                    / max(row["plain_fastapi_2_workers"]["images_per_s"], 1e-9), 2)
+                row[f"{ratio}_2_replicas"] = round(row["modelworks_2_replicas"][rate] / base, 2)
+                row[f"{ratio}_2_vs_2"] = round(
+                    row["modelworks_2_replicas"][rate] / max(row["plain_fastapi_2_workers"][rate], 1e-9), 2)
         cells = list(cells.values())
-        print("images/s ratio to plain_fastapi (1 process): " + ", ".join(
-            f"n={r['images_per_request']} c={r['concurrency']}: {r['images_per_s_ratio']}"
-            + (f" (2 replicas {r['images_per_s_ratio_2_replicas']}, 2 vs 2 workers {r['images_per_s_ratio_2_vs_2']})"
+        print(f"{unit}/s ratio to plain_fastapi (1 process): " + ", ".join(
+            f"n={r[f'{unit}_per_request']} c={r['concurrency']}: {r[ratio]}"
+            + (f" (2 replicas {r[f'{ratio}_2_replicas']}, 2 vs 2 workers {r[f'{ratio}_2_vs_2']})"
                if scaled else "") for r in cells), flush=True)
 
         autoscale = None
@@ -286,7 +344,7 @@ def main() -> int:
             t0 = time.time()
 
             async def load_and_watch():
-                task = asyncio.create_task(closed_loop(serve_port, "/predict", bodies[min(bodies)], 64, 25, 10**9))
+                task = asyncio.create_task(closed_loop(serve_port, "/predict", bodies[min(bodies)], 64, 25, 10 ** 9))
                 while not task.done():
                     timeline.append((round(time.time() - t0, 1), running_replicas("bench"), "load"))
                     await asyncio.sleep(1)
@@ -309,23 +367,24 @@ def main() -> int:
                   f"{load['error_kinds'] or ''}), "
                   f"{timeline[-1][1]} after {timeline[-1][0] - (t_idle - t0):.0f}s idle", flush=True)
 
-        target = next((c for c in cells if c["images_per_request"] == 1 and c["concurrency"] == 64), None)
+        target = next((c for c in cells if c[f"{unit}_per_request"] == 1 and c["concurrency"] == 64), None)
 
         def met(key: str, label: str) -> bool:
             return bool(target and key in target and target[key] >= 1.0 and target[label]["errors"] == 0)
 
-        result = {"ingress": args.ingress, "hidden": None if args.model else args.hidden, "env": {k: os.environ.get(k) for k in SERVE_ENV}, "model": model,
-                  "model_version": version, "input_shape": shape, "cpus": os.cpu_count(),
-                  "seconds_per_cell": args.seconds, "cells": cells, "autoscaling": autoscale,
-                  "target_c64_single_ratio": target and target["images_per_s_ratio"],
-                  "target_met_1_replica": met("images_per_s_ratio", "modelworks"),
-                  "target_c64_single_ratio_2_replicas": target and target.get("images_per_s_ratio_2_replicas"),
-                  "target_met_2_replicas": met("images_per_s_ratio_2_replicas", "modelworks_2_replicas")}
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}; c=64 single-image images/s, modelworks / plain (1 process): "
-              f"1 replica {result['target_c64_single_ratio']}, 2 replicas {result['target_c64_single_ratio_2_replicas']}")
+        result = {"ingress": args.ingress, "hidden": args.hidden if args.model == "mlp" else None,
+                  "env": {k: os.environ.get(k) for k in SERVE_ENV}, "model": model, "model_version": version,
+                  "model_spec": loaded.spec, "unit": unit, "input_shape": shape, "sentences": sentences_from,
+                  "cpus": os.cpu_count(), "seconds_per_cell": args.seconds, "cells": cells, "autoscaling": autoscale,
+                  "target_c64_single_ratio": target and target[ratio],
+                  "target_met_1_replica": met(ratio, "modelworks"),
+                  "target_c64_single_ratio_2_replicas": target and target.get(f"{ratio}_2_replicas"),
+                  "target_met_2_replicas": met(f"{ratio}_2_replicas", "modelworks_2_replicas")}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out_path}; c=64 single-{unit[:-1]} {unit}/s, modelworks / plain (1 process): "
+              f"1 replica {result['target_c64_single_ratio']}, "
+              f"2 replicas {result['target_c64_single_ratio_2_replicas']}")
         return 0
     finally:
         for p in plains:

@@ -14,9 +14,10 @@ from modelworks.config import ServeConfig
 from modelworks.errors import UserError
 from modelworks.serve import schemas
 from modelworks.serve.cli import parse_replicas
-from modelworks.serve.schemas import InputError, InputSpec
+from modelworks.serve.schemas import InputError, InputSpec, TextSpec
 
 SPEC = InputSpec((8, 8), max_inputs=4, pixel_scale=16 / 255)
+TEXT = TextSpec(max_inputs=4, max_chars=50)
 
 
 def png_b64(w: int, h: int, value: int = 255) -> str:
@@ -112,6 +113,93 @@ def test_v2_parses_typed_tensors():
 def test_v2_rejects(body, field):
     e = err(schemas.parse_v2_infer, body, SPEC)
     assert e.status == 422 and e.field == field, e.to_dict()
+
+
+def test_predict_text_single_and_batch():
+    assert schemas.parse_predict({"input": "a gorgeous, witty film"}, TEXT) == ["a gorgeous, witty film"]
+    texts = ["ok", "x" * 50, "  padded  ", "🙂 ünïcode \x00"]  # at the limit, odd but valid text is accepted as is
+    assert schemas.parse_predict({"inputs": texts}, TEXT) == texts
+
+
+@pytest.mark.parametrize("body, field, fragment", [
+    ({"input": 5}, "input", "got int, not a string"),
+    ({"input": None}, "input", "got null"),
+    ({"input": ["a film"]}, "input", "got list"),
+    ({"input": [0.0] * 64}, "input", "got list"),          # numbers sent to a text model
+    ({"input": ""}, "input", "empty"),
+    ({"input": " \n\t "}, "input", "only whitespace"),
+    ({"input": "x" * 51}, "input", "51 characters (limit 50)"),
+    ({"input": "\ud800"}, "input", "unpaired surrogate"),  # JSON can carry it; the tokenizer cannot take it
+    ({"inputs": ["ok", "x" * 51]}, "inputs[1]", "limit 50"),
+    ({"inputs": ["ok", 3]}, "inputs[1]", "not a string"),
+    ({"inputs": ["ok", "ok", ""]}, "inputs[2]", "empty"),
+    ({"inputs": ["ok"] * 5}, "inputs", "5 inputs (limit 4)"),
+    ({"inputs": []}, "inputs", "empty batch"),
+    ({"inputs": "a film"}, "inputs", "not a list"),
+    ({"text": "a film"}, "text", "not a known field"),
+    ({}, "body", "exactly one"),
+])
+def test_predict_text_rejects_with_field_and_limit(body, field, fragment):
+    e = err(schemas.parse_predict, body, TEXT)
+    assert e.status == 422 and e.field == field and fragment in e.message, e.to_dict()
+    assert field in e.to_dict()["error"] and e.expected
+
+
+def test_v2_text_parses_bytes_tensors():
+    texts, rid, outs = schemas.parse_v2_infer(v2([2], ["a film", "a dull film"], "BYTES", id="t1"), TEXT)
+    assert texts == ["a film", "a dull film"] and rid == "t1" and outs == ["probabilities", "label"]
+    texts, _, outs = schemas.parse_v2_infer(v2([2, 1], [["a"], ["b"]], "BYTES", outputs=[{"name": "label"}]), TEXT)
+    assert texts == ["a", "b"] and outs == ["label"]
+    assert schemas.parse_v2_infer(v2([1, 1], ["a"], "BYTES"), TEXT)[0] == ["a"]
+
+
+@pytest.mark.parametrize("body, field", [
+    (v2([1], ["a film"], "FP32"), "inputs[0].datatype"),
+    (v2([1, 64], [0.0] * 64), "inputs[0].datatype"),      # an image tensor sent to a text model
+    (v2([1, 2], ["a", "b"], "BYTES"), "inputs[0].shape"),
+    (v2([1, 1, 1], ["a"], "BYTES"), "inputs[0].shape"),
+    (v2(["1"], ["a"], "BYTES"), "inputs[0].shape"),
+    (v2([0], [], "BYTES"), "inputs[0].shape"),
+    (v2([5], ["a"] * 5, "BYTES"), "inputs[0].shape"),     # over max_inputs
+    (v2([2], ["a"], "BYTES"), "inputs[0].data"),
+    (v2([1], "a", "BYTES"), "inputs[0].data"),
+    (v2([1], [3], "BYTES"), "inputs[0].data[0]"),
+    (v2([2], ["a", " "], "BYTES"), "inputs[0].data[1]"),
+    (v2([1], ["x" * 51], "BYTES"), "inputs[0].data[0]"),
+    (v2([1], ["a"], "BYTES", name="text"), "inputs[0].name"),
+    (v2([1], ["a"], "BYTES", outputs=[{"name": "logits"}]), "outputs[0].name"),
+])
+def test_v2_text_rejects(body, field):
+    e = err(schemas.parse_v2_infer, body, TEXT)
+    assert e.status == 422 and e.field == field, e.to_dict()
+
+
+def test_spec_follows_the_model_and_serve_config():
+    from modelworks.data import text
+    from modelworks.data.preprocess import Preprocessor
+    from modelworks.serve.testing import TEXT_CLASS_NAMES, sentiment_data
+
+    cfg = ServeConfig()
+    assert cfg.max_text_chars == 2000
+    pre = text.fit(*sentiment_data(), TEXT_CLASS_NAMES, vocab_size=200, max_len=32)
+    assert schemas.spec_for(pre, "text", cfg.max_inputs, cfg.max_text_chars) == TextSpec(256, 2000)
+    image = schemas.spec_for(Preprocessor([8, 8], 0.0, 1.0, [0, 1]), "digits", 256, 2000)
+    assert image == InputSpec((8, 8), 256, pixel_scale=16 / 255)
+
+
+def test_register_text_is_a_real_model_with_a_valid_config(modelworks_home):
+    from modelworks.config import validate
+    from modelworks.registry import Registry
+    from modelworks.serve.testing import register_text
+
+    reg = Registry()
+    assert register_text(reg) == 1
+    loaded, _ = reg.load("sentiment@latest")
+    cfg = validate(loaded.config)
+    assert cfg.data.source == "text" and cfg.model.name == "transformer"
+    assert loaded.class_names == ["negative", "positive"] and loaded.metrics["test_accuracy"] == 1.0
+    probs = loaded.predict_proba(["a gorgeous, witty film", "a dull, tedious film"]).numpy()
+    assert probs.argmax(1).tolist() == [1, 0] and probs.max(1).min() > 0.8  # unseen phrasing, confident
 
 
 def test_content_type():

@@ -67,7 +67,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
                scheduler=None, max_grad_norm: float | None = 1.0, label_smoothing: float = 0.0,
                device: torch.device = torch.device("cpu")) -> dict:
     """One optimizer step. Gradients of the micro-batches add up (each scaled by 1/len), so k micro-batches
-    of b rows train like one batch of k*b. Under DDP only the last micro-batch synchronises gradients.
+    of b rows train like one batch of k*b (exactly for classification; for masked LM each micro-batch's
+    mean over its own masked tokens weighs the same). Under DDP only the last micro-batch synchronises.
     Returns {"loss": mean loss, "targets": count, "tokens": real tokens seen}."""
     model.train()
     optimizer.zero_grad(set_to_none=True)

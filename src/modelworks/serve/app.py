@@ -7,6 +7,8 @@
   ``modelworks models promote`` moves the served model without a redeploy.
 * ``@serve.batch`` groups concurrent requests into one forward pass; autoscaling, ``max_queued_requests``
   (503 when full) and the timeouts come from ``ServeConfig``.
+* Image/vector models take numbers (or PNGs); text models take strings, tokenized in the replica by the
+  checkpoint's own tokenizer, one batch at a time (padded to the batch's longest text).
 """
 
 import asyncio
@@ -28,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelworks.config import ServeConfig
 from modelworks.serve import schemas
-from modelworks.serve.schemas import InputError, InputSpec
+from modelworks.serve.schemas import InputError, InputSpec, TextSpec
 
 log = logging.getLogger("ray.serve")
 DEPLOYMENT = "ModelServer"
@@ -41,12 +43,12 @@ class Served:
     name: str
     version: int
     model: Any            # checkpoint.LoadedModel
-    spec: InputSpec
+    spec: InputSpec | TextSpec
     class_names: tuple[str, ...]
     loaded_at: float
 
 
-def load_served(ref: str, registry: str | None, max_inputs: int) -> Served:
+def load_served(ref: str, registry: str | None, cfg: ServeConfig) -> Served:
     """Resolve and load from the registry (checksums verified by the one loader)."""
     from modelworks.registry import Registry
 
@@ -54,8 +56,7 @@ def load_served(ref: str, registry: str | None, max_inputs: int) -> Served:
     name, version = reg.resolve(ref)
     loaded, version = reg.load(f"{name}@{version}")
     source = (loaded.config.get("data") or {}).get("source")
-    spec = InputSpec(tuple(int(d) for d in loaded.preprocessor.input_shape), max_inputs,
-                     pixel_scale=16.0 / 255.0 if source == "digits" else 1.0)
+    spec = schemas.spec_for(loaded.preprocessor, source, cfg.max_inputs, cfg.max_text_chars)
     return Served(ref, name, version, loaded, spec, tuple(map(str, loaded.class_names)), time.time())
 
 
@@ -118,7 +119,7 @@ class ModelServer:
         registry = user_config.get("registry")
         async with self._swap_lock:
             try:
-                new = await asyncio.to_thread(load_served, ref, registry, self.cfg.max_inputs)
+                new = await asyncio.to_thread(load_served, ref, registry, self.cfg)
             except Exception as err:  # noqa: BLE001
                 self.last_error = f"{ref}: {err}"
                 if self.served is None:
@@ -156,10 +157,13 @@ class ModelServer:
 
     # -- batching --------------------------------------------------------------------------------------
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def infer_batch(self, items: list[np.ndarray]) -> list[tuple[Served, np.ndarray]]:
+    async def infer_batch(self, items: list[np.ndarray | list[str]]) -> list[tuple[Served, np.ndarray]]:
         served = self.served  # one model for the whole batch, even if a swap lands meanwhile
         sizes = [len(x) for x in items]
-        x = items[0] if len(items) == 1 else np.concatenate(items)
+        if isinstance(items[0], list):  # texts: one list, so the tokenizer pads to the batch's longest text
+            x = [text for texts in items for text in texts]
+        else:
+            x = items[0] if len(items) == 1 else np.concatenate(items)
         probs = served.model.predict_proba(x).numpy()
         out, start = [], 0
         for n in sizes:
@@ -167,7 +171,7 @@ class ModelServer:
             start += n
         return out
 
-    async def _infer(self, x: np.ndarray) -> tuple[Served, np.ndarray]:
+    async def _infer(self, x: np.ndarray | list[str]) -> tuple[Served, np.ndarray]:
         try:
             async with asyncio.timeout(self.cfg.request_timeout_s):  # no extra task per request (wait_for makes one)
                 served, probs = await self.infer_batch(x)
@@ -263,8 +267,12 @@ class ModelServer:
         return s
 
     def _metadata(self, s: Served) -> dict:
+        if isinstance(s.spec, TextSpec):
+            tensor = {"name": "input", "datatype": "BYTES", "shape": [-1]}
+        else:
+            tensor = {"name": "input", "datatype": "FP32", "shape": [-1, *s.spec.input_shape]}
         return {"name": s.name, "versions": [str(s.version)], "platform": "pytorch_safetensors",
-                "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *s.spec.input_shape]}],
+                "inputs": [tensor],
                 "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(s.class_names)]},
                             {"name": "label", "datatype": "BYTES", "shape": [-1]}],
                 "parameters": {"class_names": list(s.class_names)}}

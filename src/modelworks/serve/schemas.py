@@ -8,11 +8,13 @@ Everything a client sends is checked here before it can reach the model. A probl
     {"input": X}                 one input
     {"inputs": [X, X, ...]}      a batch of 1..max_inputs inputs
 where X, for a model with input_shape [H, W], is H*W numbers, an H x W nested list, or a base64 PNG string
-(grayscale, exactly W x H pixels, optionally prefixed "data:image/png;base64,").
+(grayscale, exactly W x H pixels, optionally prefixed "data:image/png;base64,"); for a text model X is a
+string (non-empty, at most serve.max_text_chars characters).
 
 /v2/models/{name}/infer body (Open Inference Protocol, REST):
     {"id": "...", "inputs": [{"name": "input", "shape": [N, H, W] | [N, H*W], "datatype": "FP32",
       "data": [...flat or nested, row-major...]}], "outputs": [{"name": "probabilities"}, {"name": "label"}]}
+    a text model takes {"name": "input", "shape": [N] | [N, 1], "datatype": "BYTES", "data": ["text", ...]}
 """
 from __future__ import annotations
 
@@ -75,11 +77,32 @@ class InputSpec:
         return forms + f" (finite, |x| <= {MAX_ABS:g})"
 
 
+@dataclass(frozen=True)
+class TextSpec:
+    """What one input of a text model must be: a string the checkpoint's own tokenizer reads."""
+    max_inputs: int
+    max_chars: int
+
+    @cached_property
+    def description(self) -> str:
+        return f"a non-empty string of at most {self.max_chars} characters"
+
+
+def spec_for(preprocessor: Any, source: str | None, max_inputs: int, max_text_chars: int) -> InputSpec | TextSpec:
+    """The request spec for a loaded model, from its preprocessor (``source``: the data source it was
+    trained on, which fixes the pixel scale of PNG inputs)."""
+    if preprocessor.raw_column == "text":
+        return TextSpec(max_inputs, max_text_chars)
+    return InputSpec(tuple(int(d) for d in preprocessor.input_shape), max_inputs,
+                     pixel_scale=16.0 / 255.0 if source == "digits" else 1.0)
+
+
 # -- pydantic models: documentation (OpenAPI at /docs) and response shapes ------------------------------
 class PredictRequest(BaseModel):
     """Send exactly one of `input` / `inputs`."""
     input: list[float] | list[list[float]] | str | None = Field(
-        None, description="one input: flat numbers, a nested list matching the model's input shape, or a base64 PNG")
+        None, description="one input: flat numbers, a nested list matching the model's input shape, or a base64 "
+                          "PNG; for a text model, the text")
     inputs: list[list[float] | list[list[float]] | str] | None = Field(
         None, description="a batch of inputs (1..serve.max_inputs)")
 
@@ -216,8 +239,24 @@ def _may_have_bool(raw: bytes | None) -> bool:
     return raw is None or b"true" in raw or b"false" in raw
 
 
-def parse_predict(body: Any, spec: InputSpec, raw: bytes | None = None) -> np.ndarray:
-    """A /predict JSON body (``raw``: its text, if at hand) -> float32 (N, D). Raises InputError."""
+def _one_text(value: Any, field: str, spec: TextSpec) -> str:
+    expected = spec.description
+    if not isinstance(value, str):
+        raise InputError(422, field, f"got {type(value).__name__ if value is not None else 'null'}, not a string",
+                         expected)
+    if len(value) > spec.max_chars:
+        raise InputError(422, field, f"is {len(value)} characters (limit {spec.max_chars})", expected)
+    if not value.strip():
+        raise InputError(422, field, "is empty or only whitespace", expected)
+    try:
+        value.encode("utf-8")  # JSON may carry a lone surrogate ("\ud800"), which the tokenizer cannot take
+    except UnicodeEncodeError:
+        raise InputError(422, field, "is not valid Unicode (unpaired surrogate)", expected) from None
+    return value
+
+
+def _predict_body(body: Any) -> tuple[str, Any]:
+    """The one field a /predict body holds: ("input", X) or ("inputs", [X, ...])."""
     expected_body = '{"input": X} or {"inputs": [X, ...]}'
     if not isinstance(body, dict):
         raise InputError(422, "body", f"is a JSON {type(body).__name__}, not an object", expected_body)
@@ -226,9 +265,11 @@ def parse_predict(body: Any, spec: InputSpec, raw: bytes | None = None) -> np.nd
         raise InputError(422, unknown[0], "is not a known field", expected_body)
     if ("input" in body) == ("inputs" in body):
         raise InputError(422, "body", "must have exactly one of 'input' and 'inputs'", expected_body)
-    if "input" in body:
-        return _one_input(body["input"], "input", spec)[None, :]
-    items = body["inputs"]
+    key = "input" if "input" in body else "inputs"
+    return key, body[key]
+
+
+def _check_batch(items: Any, spec: InputSpec | TextSpec) -> None:
     expected = f"a list of 1..{spec.max_inputs} inputs, each {spec.description}"
     if not isinstance(items, list):
         raise InputError(422, "inputs", f"is a {type(items).__name__}, not a list", expected)
@@ -236,6 +277,20 @@ def parse_predict(body: Any, spec: InputSpec, raw: bytes | None = None) -> np.nd
         raise InputError(422, "inputs", "is an empty batch", expected)
     if len(items) > spec.max_inputs:
         raise InputError(422, "inputs", f"has {len(items)} inputs (limit {spec.max_inputs})", expected)
+
+
+def parse_predict(body: Any, spec: InputSpec | TextSpec, raw: bytes | None = None) -> np.ndarray | list[str]:
+    """A /predict JSON body (``raw``: its text, if at hand) -> float32 (N, D), or N texts for a TextSpec.
+    Raises InputError."""
+    key, items = _predict_body(body)
+    if isinstance(spec, TextSpec):
+        if key == "input":
+            return [_one_text(items, "input", spec)]
+        _check_batch(items, spec)
+        return [_one_text(v, f"inputs[{i}]", spec) for i, v in enumerate(items)]
+    if key == "input":
+        return _one_input(items, "input", spec)[None, :]
+    _check_batch(items, spec)
     # Fast path: a rectangular all-number batch is checked in one vectorised pass.
     if not any(isinstance(v, str) for v in items) and not (_may_have_bool(raw) and _has_bool(items)):
         try:
@@ -248,11 +303,8 @@ def parse_predict(body: Any, spec: InputSpec, raw: bytes | None = None) -> np.nd
     return np.stack([_one_input(v, f"inputs[{i}]", spec) for i, v in enumerate(items)])
 
 
-def parse_v2_infer(body: Any, spec: InputSpec, raw: bytes | None = None) -> tuple[np.ndarray, str | None, list[str]]:
-    """An Open Inference Protocol infer body -> (float32 (N, D), request id, output names)."""
-    dims = list(spec.input_shape)
-    expected_body = ('{"inputs": [{"name": "input", "shape": [N, ' + ", ".join(map(str, dims)) + '], '
-                     '"datatype": "FP32", "data": [...]}]}')
+def _v2_tensor(body: Any, expected_body: str) -> tuple[dict, str | None]:
+    """The one input tensor of an infer body (name checked; shape, datatype and data not yet), and the id."""
     if not isinstance(body, dict):
         raise InputError(422, "body", f"is a JSON {type(body).__name__}, not an object", expected_body)
     unknown = sorted(set(body) - {"id", "inputs", "outputs", "parameters"})
@@ -274,6 +326,62 @@ def parse_v2_infer(body: Any, spec: InputSpec, raw: bytes | None = None) -> tupl
         raise InputError(422, f"inputs[0].{unknown[0]}", "is not a known field", expected_body)
     if t.get("name") != "input":
         raise InputError(422, "inputs[0].name", f"is {t.get('name')!r}", '"input"')
+    return t, req_id
+
+
+def _v2_outputs(body: dict) -> list[str]:
+    outs = body.get("outputs")
+    if outs is None:
+        return list(V2_OUTPUTS)
+    if not isinstance(outs, list) or not all(isinstance(o, dict) for o in outs):
+        raise InputError(422, "outputs", "is not a list of objects", '[{"name": "probabilities"}, {"name": "label"}]')
+    names = []
+    for i, o in enumerate(outs):
+        if o.get("name") not in V2_OUTPUTS:
+            raise InputError(422, f"outputs[{i}].name", f"is {o.get('name')!r}", f"one of {', '.join(V2_OUTPUTS)}")
+        names.append(o["name"])
+    return names
+
+
+def _parse_v2_text(body: Any, spec: TextSpec) -> tuple[list[str], str | None, list[str]]:
+    expected_body = '{"inputs": [{"name": "input", "shape": [N], "datatype": "BYTES", "data": ["text", ...]}]}'
+    t, req_id = _v2_tensor(body, expected_body)
+    dtype = t.get("datatype")
+    if dtype != "BYTES":
+        raise InputError(422, "inputs[0].datatype", f"is {dtype!r}", "BYTES (this model takes text)")
+    shape = t.get("shape")
+    shape_expected = f"[N] or [N, 1] with 1 <= N <= {spec.max_inputs}"
+    if (not isinstance(shape, list) or len(shape) not in (1, 2) or shape[1:] not in ([], [1])
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
+        raise InputError(422, "inputs[0].shape", f"is {shape!r}", shape_expected)
+    n = shape[0]
+    if n < 1:
+        raise InputError(422, "inputs[0].shape", f"has batch size {n} (empty batch)", shape_expected)
+    if n > spec.max_inputs:
+        raise InputError(422, "inputs[0].shape", f"has batch size {n} (limit {spec.max_inputs})", shape_expected)
+    data = t.get("data")
+    data_expected = f"{n} strings, each {spec.description}"
+    if not isinstance(data, list):
+        raise InputError(422, "inputs[0].data", f"is {type(data).__name__ if data is not None else 'null'}",
+                         data_expected)
+    if len(shape) == 2 and all(isinstance(row, list) for row in data):  # [N, 1] sent nested: [["a"], ["b"]]
+        data = [v for row in data for v in row]
+    if len(data) != n:
+        raise InputError(422, "inputs[0].data", f"has {len(data)} elements, shape {shape} needs {n}", data_expected)
+    texts = [_one_text(v, f"inputs[0].data[{i}]", spec) for i, v in enumerate(data)]
+    return texts, req_id, _v2_outputs(body)
+
+
+def parse_v2_infer(body: Any, spec: InputSpec | TextSpec,
+                   raw: bytes | None = None) -> tuple[np.ndarray | list[str], str | None, list[str]]:
+    """An Open Inference Protocol infer body -> (float32 (N, D), or N texts for a TextSpec; request id;
+    output names)."""
+    if isinstance(spec, TextSpec):
+        return _parse_v2_text(body, spec)
+    dims = list(spec.input_shape)
+    expected_body = ('{"inputs": [{"name": "input", "shape": [N, ' + ", ".join(map(str, dims)) + '], '
+                     '"datatype": "FP32", "data": [...]}]}')
+    t, req_id = _v2_tensor(body, expected_body)
     dtype = t.get("datatype")
     if dtype not in V2_DATATYPES:
         raise InputError(422, "inputs[0].datatype", f"is {dtype!r}", f"one of {', '.join(V2_DATATYPES)} (FP32 preferred)")
@@ -308,17 +416,7 @@ def parse_v2_infer(body: Any, spec: InputSpec, raw: bytes | None = None) -> tupl
             raise InputError(422, "inputs[0].data", "has a value outside the FP16 range", data_expected)
     flat = arr.reshape(-1)
     _check_finite(flat, "inputs[0].data", data_expected)
-    outs = body.get("outputs")
-    names = list(V2_OUTPUTS)
-    if outs is not None:
-        if not isinstance(outs, list) or not all(isinstance(o, dict) for o in outs):
-            raise InputError(422, "outputs", "is not a list of objects", '[{"name": "probabilities"}, {"name": "label"}]')
-        names = []
-        for i, o in enumerate(outs):
-            if o.get("name") not in V2_OUTPUTS:
-                raise InputError(422, f"outputs[{i}].name", f"is {o.get('name')!r}", f"one of {', '.join(V2_OUTPUTS)}")
-            names.append(o["name"])
-    return flat.astype(np.float32).reshape(n, spec.dim), req_id, names
+    return flat.astype(np.float32).reshape(n, spec.dim), req_id, _v2_outputs(body)
 
 
 def check_content_type(value: str | None) -> None:
