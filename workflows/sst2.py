@@ -19,9 +19,9 @@ CONFIG = WorkflowConfig(
     # 4 pre-LN blocks of width 128: what 2 CPU cores train through ~20 epochs of SST-2 in the time budget.
     model=ModelConfig(name="transformer", d_model=128, n_layers=4, n_heads=4, d_ff=512, max_len=64,
                       vocab_size=8000, dropout=0.1, pooling="mean"),
-    pretrain=PretrainConfig(epochs=10, batch_size=128, lr=1e-3, warmup_ratio=0.06, weight_decay=0.01,
-                            mask_prob=0.15),
-    train=TrainConfig(epochs=3, batch_size=32, lr=3e-4, weight_decay=0.01, warmup_ratio=0.06,
+    pretrain=PretrainConfig(epochs=12, batch_size=128, lr=1e-3, warmup_ratio=0.06, weight_decay=0.01,
+                            mask_prob=0.15, dropout=0.0),
+    train=TrainConfig(epochs=3, batch_size=32, lr=2e-4, weight_decay=0.01, warmup_ratio=0.1,
                       grad_clip=1.0),
     evaluate=EvaluateConfig(batch_size=512),
     registry=RegisterConfig(min_accuracy=0.80),

@@ -42,7 +42,7 @@ def text_model_spec(cfg: WorkflowConfig, pre: TextPreprocessor, task: str) -> di
     m = cfg.model
     return {"name": "transformer", "head": task, "vocab_size": pre.vocab_size, "max_len": pre.max_len,
             "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
-            "dropout": m.dropout, "pad_id": 0, "pooling": m.pooling, "use_sdpa": m.use_sdpa,
+            "dropout": cfg.pretrain.dropout if task == "mlm" else m.dropout, "pad_id": 0, "pooling": m.pooling, "use_sdpa": m.use_sdpa,
             "num_classes": pre.num_classes}
 
 
