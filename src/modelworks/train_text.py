@@ -115,7 +115,8 @@ def text_train_loop(loop_cfg: dict) -> None:
 
     optimizer = torch.optim.AdamW(text_steps.param_groups(model, hp.weight_decay), lr=hp.lr,
                                   betas=(0.9, hp.beta2))
-    schedule = (lambda s: 1.0) if hp.lr_schedule == "constant" else (
+    # Warm-up applies to both schedules: Adam's early steps on a fresh head are what it protects against.
+    schedule = (lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0) if hp.lr_schedule == "constant" else (
         lambda s: text_steps.warmup_cosine(s, warmup, total_steps, min_ratio))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 

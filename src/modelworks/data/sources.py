@@ -230,14 +230,13 @@ def read_text_files(paths: list[str], cfg: DataConfig, labelled: bool = True, fm
                                                   fn_kwargs={"cfg": cfg, "labelled": labelled})
 
 
-def _keep_text(batch: dict, split: str, cfg: DataConfig, carve_test: bool) -> dict:
-    codes = _text_split_codes(batch["text"], cfg, carve_test)
-    mask = codes == SPLITS.index(split)
+def _keep_text(batch: dict, split: str, cfg: DataConfig, carve_val: bool, carve_test: bool) -> dict:
+    mask = _text_split_codes(batch["text"], cfg, carve_val, carve_test) == SPLITS.index(split)
     return {k: v[mask] for k, v in batch.items()}
 
 
-def _text_split_codes(texts, cfg: DataConfig, carve_test: bool) -> np.ndarray:
-    """As split_codes, over each text's UTF-8 bytes."""
+def _text_split_codes(texts, cfg: DataConfig, carve_val: bool, carve_test: bool) -> np.ndarray:
+    """As split_codes, over each text's UTF-8 bytes; only the splits the dataset does not ship are carved."""
     key = cfg.split_seed.to_bytes(8, "little", signed=True)
     u = np.array([int.from_bytes(hashlib.blake2b(str(t).encode(), key=key, digest_size=8).digest(), "little")
                   for t in texts], dtype=np.float64) / 2.0**64
@@ -245,7 +244,8 @@ def _text_split_codes(texts, cfg: DataConfig, carve_test: bool) -> np.ndarray:
     if carve_test:
         codes[u < cfg.test_fraction] = 2
         u = np.where(u < cfg.test_fraction, 1.0, (u - cfg.test_fraction) / (1 - cfg.test_fraction))
-    codes[u < cfg.val_fraction] = 1
+    if carve_val:
+        codes[u < cfg.val_fraction] = 1
     return codes
 
 
@@ -275,15 +275,16 @@ def text_source(cfg: DataConfig, root: Path) -> Source:
     base = read_text_files([paths["train"]], cfg)
     if cfg.max_rows:
         base = base.limit(cfg.max_rows)
-    carve_test = paths["test"] is None
-    splits = {"train": base.map_batches(_keep_text, batch_format="numpy",
-                                        fn_kwargs={"split": "train", "cfg": cfg, "carve_test": carve_test})}
+    carve = {"carve_val": paths["val"] is None, "carve_test": paths["test"] is None}
+    # A dataset that ships its validation and test splits trains on all of its training file.
+    splits = {"train": base if not any(carve.values()) else base.map_batches(
+        _keep_text, batch_format="numpy", fn_kwargs={"split": "train", "cfg": cfg, **carve})}
     for split in ("val", "test"):
         if paths[split]:
             splits[split] = read_text_files([paths[split]], cfg)
         else:
             splits[split] = base.map_batches(_keep_text, batch_format="numpy",
-                                             fn_kwargs={"split": split, "cfg": cfg, "carve_test": carve_test})
+                                             fn_kwargs={"split": split, "cfg": cfg, **carve})
     names_file = folder / "labels.txt" if folder else None
     names = {}
     if names_file and names_file.is_file():
