@@ -21,7 +21,7 @@ CONFIG = WorkflowConfig(
                       vocab_size=8000, dropout=0.1, pooling="mean"),
     pretrain=PretrainConfig(epochs=12, batch_size=128, lr=1e-3, warmup_ratio=0.06, weight_decay=0.01,
                             mask_prob=0.15, dropout=0.0),
-    train=TrainConfig(epochs=3, batch_size=32, lr=2e-4, lr_schedule="cosine", weight_decay=0.01, warmup_ratio=0.1,
+    train=TrainConfig(epochs=3, batch_size=32, optimizer="adamw", lr=2e-4, lr_schedule="cosine", weight_decay=0.01, warmup_ratio=0.1,
                       grad_clip=1.0),
     evaluate=EvaluateConfig(batch_size=512),
     registry=RegisterConfig(min_accuracy=0.80),

@@ -76,7 +76,7 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    # Text models (AdamW always; the schedule is per optimizer step: linear warm-up, cosine to min_lr).
+    # Text models: the schedule is per optimizer step (linear warm-up, then constant or cosine to min_lr).
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="text: share of the steps spent warming up")
     min_lr: float = Field(0.0, ge=0.0, description="text: where the cosine decay ends")
     beta2: float = Field(0.999, gt=0.0, lt=1.0)

@@ -113,8 +113,13 @@ def text_train_loop(loop_cfg: dict) -> None:
     warmup = int(hp.warmup_ratio * total_steps)
     min_ratio = hp.min_lr / hp.lr
 
-    optimizer = torch.optim.AdamW(text_steps.param_groups(model, hp.weight_decay), lr=hp.lr,
-                                  betas=(0.9, hp.beta2))
+    groups = text_steps.param_groups(model, hp.weight_decay)
+    kind = getattr(hp, "optimizer", "adamw")  # pre-training always uses AdamW
+    if kind == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=0.9)
+    else:
+        adam = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+        optimizer = adam(groups, lr=hp.lr, betas=(0.9, hp.beta2))
     # Warm-up applies to both schedules: Adam's early steps on a fresh head are what it protects against.
     schedule = (lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0) if hp.lr_schedule == "constant" else (
         lambda s: text_steps.warmup_cosine(s, warmup, total_steps, min_ratio))
