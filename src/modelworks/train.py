@@ -56,7 +56,7 @@ def lr_at(cfg: WorkflowConfig, epoch: int) -> float:
     return cfg.train.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.train.epochs))
 
 
-def _all_reduce(values: list[float], op=None) -> list[float]:
+def all_reduce(values: list[float], op=None) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
@@ -121,7 +121,7 @@ def train_loop(loop_cfg: dict) -> None:
     if cfg.data.cache_on_worker:
         cached = _collect(train_shard, device), _collect(val_shard, device)
         # Every rank must take the same number of steps, or DDP's all-reduce waits forever.
-        steps = int(_all_reduce([len(cached[0][0]) // local_bs], dist.ReduceOp.MIN if world > 1 else None)[0])
+        steps = int(all_reduce([len(cached[0][0]) // local_bs], dist.ReduceOp.MIN if world > 1 else None)[0])
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         for group in optimizer.param_groups:
@@ -152,7 +152,7 @@ def train_loop(loop_cfg: dict) -> None:
             val_batches = ((b["x"], b["y"]) for b in val_shard.iter_torch_batches(
                 batch_size=4096, dtypes=dtypes, device=device))
         v_loss, v_correct, v_count = _evaluate(model, val_batches, loss_fn)
-        loss_sum, seen, v_loss, v_correct, v_count = _all_reduce([loss_sum, seen, v_loss, v_correct, v_count])
+        loss_sum, seen, v_loss, v_correct, v_count = all_reduce([loss_sum, seen, v_loss, v_correct, v_count])
         metrics = {
             "epoch": epoch,
             "train_loss": loss_sum / max(seen, 1),
@@ -251,19 +251,25 @@ def fit(cfg: WorkflowConfig, datasets: dict[str, ray.data.Dataset], pre: Preproc
             log(f"run {run_name}: all {cfg.train.epochs} epochs already done; skipping training")
             return run_dir
         log(f"resuming run {run_name} from checkpoint_epoch={last} (epochs 1-{last} are done)")
+    run_trainer(train_loop, {"config": cfg.model_dump(mode="json"), "preprocessor": pre.to_json()}, datasets,
+                cfg, runs_root, run_name)
+    return run_dir
+
+
+def run_trainer(loop, loop_config: dict, datasets: dict[str, ray.data.Dataset], cfg: WorkflowConfig,
+                storage: Path, name: str) -> None:
+    """One TorchTrainer run of ``loop`` on train/val, with the CPU plan's threads, checkpoints kept, and
+    the workflow's failure policy; rerunning the same storage/name resumes it."""
     plan = plan_cpus(cfg.train.workers, cfg.train.use_gpu)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "preprocessor": pre.to_json(),
-                           "threads": plan.threads},
+    TorchTrainer(
+        loop,
+        train_loop_config={**loop_config, "threads": plan.threads},
         datasets={"train": datasets["train"], "val": datasets["val"]},
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker}),
         run_config=RunConfig(
-            name=run_name, storage_path=str(runs_root),
+            name=name, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
-    )
-    trainer.fit()
-    return run_dir
+    ).fit()

@@ -21,15 +21,13 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from modelworks import checkpoint, text_steps
 from modelworks.config import WorkflowConfig
 from modelworks.data import preprocess
 from modelworks.data.text import TextPreprocessor, length_bucketed_batches, mask_tokens, trim
 from modelworks.models import build_model
-from modelworks.train import plan_cpus, resume_epoch
+from modelworks.train import all_reduce, resume_epoch, run_trainer
 
 TASKS = ("mlm", "classify")
 _EVAL_BATCH = 256
@@ -44,13 +42,6 @@ def text_model_spec(cfg: WorkflowConfig, pre: TextPreprocessor, task: str) -> di
             "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
             "dropout": cfg.pretrain.dropout if task == "mlm" else m.dropout, "pad_id": 0, "pooling": m.pooling, "use_sdpa": m.use_sdpa,
             "num_classes": pre.num_classes}
-
-
-def _all_reduce(values: list[float], op=None) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t.tolist()
 
 
 def _collect(shard) -> dict[str, np.ndarray]:
@@ -107,7 +98,7 @@ def text_train_loop(loop_cfg: dict) -> None:
     accum = max(1, hp.grad_accum)
     local_bs = max(1, hp.batch_size // (world * accum))  # the configured batch is global
     # Every rank must take the same number of steps, or DDP's all-reduce waits forever.
-    steps = int(_all_reduce([len(train_rows["length"]) // (local_bs * accum)],
+    steps = int(all_reduce([len(train_rows["length"]) // (local_bs * accum)],
                             dist.ReduceOp.MIN if world > 1 else None)[0])
     total_steps = max(1, steps * hp.epochs)
     warmup = int(hp.warmup_ratio * total_steps)
@@ -156,7 +147,7 @@ def text_train_loop(loop_cfg: dict) -> None:
             tokens += out["tokens"]
         train_time = time.perf_counter() - t0
         val = evaluate_rows(model, val_rows, task, pre.vocab_size, mask_prob, device)
-        loss_sum, targets, tokens, v_loss, v_correct, v_count = _all_reduce(
+        loss_sum, targets, tokens, v_loss, v_correct, v_count = all_reduce(
             [loss_sum, targets, tokens, val["loss_sum"], val["correct"], val["count"]])
         metrics = {
             "epoch": epoch,
@@ -202,20 +193,6 @@ def fit_text(cfg: WorkflowConfig, task: str, datasets: dict[str, ray.data.Datase
             log(f"      {step}: all {hp.epochs} epochs already done; skipping")
             return run_dir
         log(f"      resuming {step} from checkpoint_epoch={last} (epochs 1-{last} are done)")
-    plan = plan_cpus(cfg.train.workers, cfg.train.use_gpu)
-    trainer = TorchTrainer(
-        text_train_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "task": task, "preprocessor": pre.to_json(),
-                           "spec": spec, "init_encoder": init_encoder,
-                           "threads": plan.threads},
-        datasets={"train": datasets["train"], "val": datasets["val"]},
-        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": plan.cpus_per_worker}),
-        run_config=RunConfig(
-            name=name, storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
-        ),
-    )
-    trainer.fit()
+    run_trainer(text_train_loop, {"config": cfg.model_dump(mode="json"), "task": task, "preprocessor": pre.to_json(),
+                                  "spec": spec, "init_encoder": init_encoder}, datasets, cfg, storage, name)
     return run_dir
