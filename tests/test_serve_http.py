@@ -231,7 +231,9 @@ def malformed_requests(n: int, seed: int = 0):
             if "nosuch" not in path and "etc" not in path and rng.random() < 0.1:
                 ctype = "text/plain"
         elif kind == 7:
-            ctype = rng.choice(["text/plain", "", "application/xml", "multipart/form-data", "image/png"])
+            # (no Content-Type at all is a JSON body, as Triton's and KServe's clients send it: not malformed)
+            ctype = rng.choice(["text/plain", "application/octet-stream", "application/xml", "multipart/form-data",
+                                "image/png"])
             body = json.dumps({"input": [1.0] * 64})
         elif kind == 8:
             body = json.dumps({"input": rng.choice(["", "AAAA", "data:image/png;base64,iVBORw0KGgo=",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -203,9 +204,159 @@ def test_register_text_is_a_real_model_with_a_valid_config(modelworks_home):
 
 
 def test_content_type():
-    schemas.check_content_type("application/json; charset=utf-8")
-    for bad in (None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+    for ok in ("application/json; charset=utf-8", "application/json", None, ""):  # no Content-Type: JSON (Triton)
+        assert schemas.check_content_type(ok) is None and schemas.check_content_type(ok, None, True) is None
+    for bad in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
         assert err(schemas.check_content_type, bad).status == 415
+        assert err(schemas.check_content_type, bad, "10", True).status == 415
+    # the binary tensor data extension: only on the v2 infer routes, and only with the header length
+    assert schemas.check_content_type("application/octet-stream", "42", True) == 42
+    assert schemas.check_content_type(None, "0", True) == 0
+    assert schemas.check_content_type("application/json", " 7 ", True) == 7
+    assert err(schemas.check_content_type, "application/octet-stream").status == 415            # /predict
+    e = err(schemas.check_content_type, "application/octet-stream", None, True)
+    assert e.status == 400 and e.field == "Inference-Header-Content-Length"
+    e = err(schemas.check_content_type, None, "10", False)                                      # /predict
+    assert e.status == 400 and e.field == "Inference-Header-Content-Length"
+    for bad in ("abc", "-1", "1.5", "", "9" * 30):
+        e = err(schemas.check_content_type, None, bad, True)
+        assert e.status == 400 and e.field == "Inference-Header-Content-Length", bad
+
+
+def test_split_body():
+    assert schemas.split_body(b'{"a": 1}', None) == (b'{"a": 1}', b"")
+    assert schemas.split_body(b'{"a": 1}\x00\x01', 8) == (b'{"a": 1}', b"\x00\x01")
+    assert schemas.split_body(b"{}", 2) == (b"{}", b"")
+    e = err(schemas.split_body, b"{}", 3)
+    assert e.status == 400 and e.field == "Inference-Header-Content-Length"
+
+
+def v2_binary(shape, blob: bytes, datatype="FP32", size=None, **extra):
+    t = {"name": "input", "shape": shape, "datatype": datatype,
+         "parameters": {"binary_data_size": len(blob) if size is None else size}}
+    return {"inputs": [t], **extra}, blob
+
+
+@pytest.mark.parametrize("datatype, np_dtype", [
+    ("FP32", "<f4"), ("FP64", "<f8"), ("FP16", "<f2"), ("INT8", "i1"), ("INT16", "<i2"), ("INT32", "<i4"),
+    ("INT64", "<i8"), ("UINT8", "u1"), ("UINT16", "<u2"), ("UINT32", "<u4"), ("UINT64", "<u8"),
+])
+def test_v2_binary_inputs_match_json(datatype, np_dtype):
+    values = np.arange(128).reshape(2, 8, 8) % 100
+    body, blob = v2_binary([2, 8, 8], values.astype(np_dtype).tobytes(), datatype, id="b1")
+    x, rid, outs = schemas.parse_v2_infer(body, SPEC, None, blob)
+    assert rid == "b1" and outs == ["probabilities", "label"]
+    assert x.dtype == np.float32 and x.shape == (2, 64)
+    want, _, _ = schemas.parse_v2_infer(v2([2, 8, 8], values.reshape(-1).tolist(), datatype), SPEC)
+    assert np.array_equal(x, want)
+    body, blob = v2_binary([1, 64], values[0].astype(np_dtype).tobytes(), datatype)  # the flat shape too
+    assert np.array_equal(schemas.parse_v2_infer(body, SPEC, None, blob)[0], want[:1])
+
+
+@pytest.mark.parametrize("body_blob, status, field, fragment", [
+    # the declared size disagrees with the bytes that follow the JSON
+    (v2_binary([1, 8, 8], np.zeros(64, "<f4").tobytes(), size=100), 400,
+     "inputs[0].parameters.binary_data_size", "'input' is 100, but 256 bytes"),
+    # size consistent with the body, but not shape x datatype
+    (v2_binary([1, 8, 8], np.zeros(63, "<f4").tobytes()), 400,
+     "inputs[0].parameters.binary_data_size", "252 bytes, shape [1, 8, 8] x FP32 needs 256"),
+    (v2_binary([2, 8, 8], np.zeros(64, "<f4").tobytes()), 400, "inputs[0].parameters.binary_data_size", "needs 512"),
+    (v2_binary([1, 8, 8], np.zeros(64, "<f8").tobytes(), "FP32"), 400,
+     "inputs[0].parameters.binary_data_size", "needs 256"),
+    (v2_binary([1, 8, 8], b"", size=-1), 400, "inputs[0].parameters.binary_data_size", "-1"),
+    (v2_binary([1, 8, 8], b"", size=True), 400, "inputs[0].parameters.binary_data_size", "True"),
+    (v2_binary([1, 8, 8], b"", size="256"), 400, "inputs[0].parameters.binary_data_size", "'256'"),
+    ((v2([1, 8, 8], [0] * 64), b"\x00" * 4), 400, "body", "no input declares"),
+    (({"inputs": [{"name": "input", "shape": [1, 8, 8], "datatype": "FP32", "data": [0] * 64,
+                   "parameters": {"binary_data_size": 256}}]}, b"\x00" * 256), 400, "inputs[0].data", "together"),
+    (({"inputs": [{"name": "input", "shape": [1, 8, 8], "datatype": "FP32", "parameters": [1]}]}, b""), 422,
+     "inputs[0].parameters", "not an object"),
+    # the same value checks as JSON tensors
+    (v2_binary([1, 8, 8], np.array([0] * 63 + [np.nan], "<f4").tobytes()), 422, "inputs[0].data[63]", "not finite"),
+    (v2_binary([1, 8, 8], np.array([0] * 63 + [1e7], "<f4").tobytes()), 422, "inputs[0].data[63]", "out of range"),
+    (v2_binary([5, 8, 8], np.zeros(320, "<f4").tobytes()), 422, "inputs[0].shape", "limit 4"),
+    (v2_binary([1, 8, 8], np.zeros(64, "<f4").tobytes(), "BYTES"), 422, "inputs[0].datatype", "BYTES"),
+])
+def test_v2_binary_inputs_rejected(body_blob, status, field, fragment):
+    body, blob = body_blob
+    e = err(schemas.parse_v2_infer, body, SPEC, None, blob)
+    assert (e.status, e.field) == (status, field) and fragment in e.message, e.to_dict()
+    assert e.expected
+
+
+def test_v2_binary_bytes_tensor_for_text():
+    texts = ["a film", "ünïcode 🙂", "x" * 50]
+    blob = schemas.encode_bytes_tensor(texts)
+    assert blob[:4] == (6).to_bytes(4, "little") and blob[4:10] == b"a film"
+    assert schemas.decode_bytes_tensor(blob, "f", 3) == [t.encode() for t in texts]
+    tu = pytest.importorskip("tritonclient.utils")  # the standard client's encoding agrees byte for byte
+    assert tu.serialize_byte_tensor(np.array(texts, dtype=object)).item() == blob
+    body, _ = v2_binary([3], blob, "BYTES", id="t")
+    assert schemas.parse_v2_infer(body, TEXT, None, blob) == (texts, "t", ["probabilities", "label"])
+    body, _ = v2_binary([3, 1], blob, "BYTES")
+    assert schemas.parse_v2_infer(body, TEXT, None, blob)[0] == texts
+
+
+@pytest.mark.parametrize("shape, blob, size, status, field", [
+    ([2], schemas.encode_bytes_tensor(["a"]), None, 400, "inputs[0].parameters.binary_data_size"),      # 1 of 2
+    ([1], schemas.encode_bytes_tensor(["a", "b"]), None, 400, "inputs[0].parameters.binary_data_size"),  # 2 of 1
+    ([1], schemas.encode_bytes_tensor(["abc"])[:-1], None, 400, "inputs[0].parameters.binary_data_size"),
+    ([1], b"\x01\x00", None, 400, "inputs[0].parameters.binary_data_size"),          # truncated length prefix
+    ([1], schemas.encode_bytes_tensor(["a"]), 99, 400, "inputs[0].parameters.binary_data_size"),
+    ([2], b"\x00\x00\x00\x00" * 1000, None, 400, "inputs[0].parameters.binary_data_size"),  # many empty items
+    ([1], b"\x02\x00\x00\x00\xff\xfe", None, 422, "inputs[0].data[0]"),           # not UTF-8
+    ([2], schemas.encode_bytes_tensor(["ok", " "]), None, 422, "inputs[0].data[1]"),   # whitespace only
+    ([1], schemas.encode_bytes_tensor(["x" * 51]), None, 422, "inputs[0].data[0]"),    # over max_text_chars
+    ([5], schemas.encode_bytes_tensor(["a"] * 5), None, 422, "inputs[0].shape"),       # over max_inputs
+])
+def test_v2_binary_bytes_rejected(shape, blob, size, status, field):
+    body, blob = v2_binary(shape, blob, "BYTES", size)
+    e = err(schemas.parse_v2_infer, body, TEXT, None, blob)
+    assert (e.status, e.field) == (status, field), e.to_dict()
+
+
+def test_v2_output_plan():
+    base = v2([1, 8, 8], [0] * 64)
+    assert schemas.v2_outputs(base) == [("probabilities", False), ("label", False)]
+    assert schemas.v2_outputs({**base, "parameters": {"binary_data_output": True}}) == [
+        ("probabilities", True), ("label", True)]
+    outs = [{"name": "label", "parameters": {"binary_data": True}}, {"name": "probabilities"}]
+    assert schemas.v2_outputs({**base, "outputs": outs}) == [("label", True), ("probabilities", False)]
+    outs = [{"name": "label", "parameters": {"binary_data": False}}, {"name": "probabilities"}]
+    assert schemas.v2_outputs({**base, "outputs": outs, "parameters": {"binary_data_output": True}}) == [
+        ("label", False), ("probabilities", True)]
+    for body, field in [({**base, "parameters": {"binary_data_output": 1}}, "parameters.binary_data_output"),
+                        ({**base, "outputs": [{"name": "label", "parameters": {"binary_data": "yes"}}]},
+                         "outputs[0].parameters.binary_data"),
+                        ({**base, "outputs": [{"name": "label", "parameters": True}]}, "outputs[0].parameters")]:
+        e = err(schemas.parse_v2_infer, body, SPEC)
+        assert e.status == 422 and e.field == field, e.to_dict()
+
+
+def test_v2_response_json_and_binary():
+    probs = np.array([[0.25, 0.75], [0.5, 0.5]], np.float32)
+    labels = ["pos", "neg"]
+    plain, n = schemas.v2_response("m", "3", "r", [("probabilities", "FP32", [2, 2], probs, False),
+                                                   ("label", "BYTES", [2], labels, False)])
+    assert n is None
+    assert plain == (b'{"model_name":"m","model_version":"3","outputs":[{"name":"probabilities","datatype":"FP32",'
+                     b'"shape":[2,2],"data":[0.25,0.75,0.5,0.5]},{"name":"label","datatype":"BYTES","shape":[2],'
+                     b'"data":["pos","neg"]}],"id":"r"}')
+    body, n = schemas.v2_response("m", "3", None, [("probabilities", "FP32", [2, 2], probs, True),
+                                                   ("label", "BYTES", [2], labels, True)])
+    head = json.loads(body[:n])
+    assert "id" not in head and all("data" not in o for o in head["outputs"])
+    assert [o["parameters"]["binary_data_size"] for o in head["outputs"]] == [16, 14]
+    assert body[n:n + 16] == probs.astype("<f4").tobytes() and len(body) == n + 30
+    # the standard client decodes it
+    http = pytest.importorskip("tritonclient.http")
+    result = http.InferResult.from_response_body(body, header_length=n)
+    assert np.array_equal(result.as_numpy("probabilities"), probs)
+    assert result.as_numpy("label").tolist() == [b"pos", b"neg"]
+    body, n = schemas.v2_response("m", "3", None, [("probabilities", "FP32", [2, 2], probs, False),
+                                                   ("label", "BYTES", [2], labels, True)])
+    result = http.InferResult.from_response_body(body, header_length=n)
+    assert np.allclose(result.as_numpy("probabilities"), probs) and result.as_numpy("label").tolist() == [b"pos", b"neg"]
 
 
 def test_replicas_and_serve_build(tmp_path, modelworks_home, capsys):
@@ -270,3 +421,29 @@ def test_cluster_rayservice_uses_the_built_config():
     assert served["applications"][0]["import_path"] == built["applications"][0]["import_path"]
     assert set(served["applications"][0]["deployments"][0]) == set(built["applications"][0]["deployments"][0])
     assert served["applications"][0]["args"]["serve"] == built["applications"][0]["args"]["serve"]
+
+
+@pytest.mark.parametrize("binary_in", [True, False])
+@pytest.mark.parametrize("binary_out", [True, False, None])
+def test_v2_round_trip_with_the_triton_client_encoding(binary_in, binary_out):
+    """Bodies exactly as tritonclient.http builds them (no Content-Type) -> parse -> v2_response -> its decoder."""
+    http = pytest.importorskip("tritonclient.http")
+    x = (np.arange(128, dtype=np.float32) % 17).reshape(2, 8, 8)
+    inp = http.InferInput("input", [2, 8, 8], "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary_in)
+    outputs = None if binary_out is None else [http.InferRequestedOutput(n, binary_data=binary_out)
+                                               for n in ("probabilities", "label")]
+    request, json_size = http.InferenceServerClient.generate_request_body([inp], outputs=outputs, request_id="q")
+    header_length = schemas.check_content_type(None, None if json_size is None else str(json_size), True)
+    head, binary = schemas.split_body(request if isinstance(request, bytes) else request.encode(), header_length)
+    got, rid, names = schemas.parse_v2_infer(json.loads(head), SPEC, head, binary)
+    assert np.array_equal(got, x.reshape(2, 64)) and rid == "q" and names == ["probabilities", "label"]
+    plan = dict(schemas.v2_outputs(json.loads(head)))
+    assert plan == {"probabilities": binary_out is not False, "label": binary_out is not False}
+    probs = np.array([[0.1, 0.9], [0.6, 0.4]], np.float32)
+    body, n = schemas.v2_response("digits", "1", rid, [("probabilities", "FP32", [2, 2], probs, plan["probabilities"]),
+                                                       ("label", "BYTES", [2], ["b", "a"], plan["label"])])
+    result = http.InferResult.from_response_body(body, header_length=n)
+    assert np.allclose(result.as_numpy("probabilities"), probs)
+    assert [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label").tolist()] == ["b", "a"]
+    assert result.get_response()["id"] == "q"

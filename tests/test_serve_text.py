@@ -102,6 +102,29 @@ def test_v2_metadata_and_bytes_infer(served):
         assert labels == {"name": "label", "datatype": "BYTES", "shape": [2], "data": ["positive", "negative"]}
 
 
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_triton_client_bytes_tensor(served, binary):
+    """Triton's HTTP client sends text as a BYTES tensor (binary: 4-byte length-prefixed strings), with no
+    Content-Type; the answers equal /predict's."""
+    httpclient = pytest.importorskip("tritonclient.http")
+
+    texts = [POSITIVE, NEGATIVE, "ünïcode 🙂 film"]
+    r = post(served["url"] + "/predict", {"inputs": texts})
+    assert r.status_code == 200, r.text
+    want = np.array([[p["probabilities"][c] for c in ("negative", "positive")] for p in r.json()["predictions"]])
+    client = httpclient.InferenceServerClient(url=served["url"].removeprefix("http://"), network_timeout=60.0)
+    try:
+        inp = httpclient.InferInput("input", [len(texts)], "BYTES")
+        inp.set_data_from_numpy(np.array(texts, dtype=object), binary_data=binary)
+        outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("probabilities", "label")]
+        result = client.infer("sentiment", [inp], outputs=outputs)
+    finally:
+        client.close()
+    assert np.allclose(result.as_numpy("probabilities"), want, atol=1e-6)
+    labels = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label").tolist()]
+    assert labels == [p["label"] for p in r.json()["predictions"]]
+
+
 def v2_body(data, shape=None, datatype="BYTES"):
     shape = shape if shape is not None else [len(data)]
     return {"inputs": [{"name": "input", "shape": shape, "datatype": datatype, "data": data}]}

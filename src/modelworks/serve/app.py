@@ -68,6 +68,15 @@ def _error(err: InputError) -> Response:
     return _json(err.to_dict(), err.status)
 
 
+def _server_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("modelworks")
+    except PackageNotFoundError:
+        return "0"
+
+
 api = FastAPI(
     title="modelworks",
     description="A registered model served by Ray Serve. POST /predict, or the Open Inference Protocol (v2) "
@@ -185,10 +194,12 @@ class ModelServer:
                              "inputs in the range the model was trained on")
         return served, probs
 
-    async def _body(self, request: Request) -> Any:
-        schemas.check_content_type(request.headers.get("content-type"))
+    async def _body(self, request: Request, binary_ok: bool = False) -> tuple[Any, bytes, bytes]:
+        """(parsed JSON, its text, binary tensor data after it: only with Inference-Header-Content-Length)."""
+        header_len = schemas.check_content_type(request.headers.get("content-type"),
+                                                request.headers.get(schemas.V2_HEADER_LENGTH), binary_ok)
         limit = self.cfg.max_body_bytes
-        expected = f"a JSON body of at most {limit} bytes"
+        expected = f"a body of at most {limit} bytes"
         length = request.headers.get("content-length")
         if length is not None:
             try:
@@ -201,10 +212,11 @@ class ModelServer:
             buf += chunk
             if len(buf) > limit:
                 raise InputError(413, "body", f"exceeds {limit} bytes", expected)
-        if not buf:
+        text, binary = schemas.split_body(bytes(buf), header_len)
+        if not text:
             raise InputError(400, "body", "is empty", "a JSON object (see /docs)")
         try:
-            return json.loads(buf), bytes(buf)
+            return json.loads(text), text, binary
         except (ValueError, RecursionError) as err:
             raise InputError(400, "body", f"is not valid JSON ({type(err).__name__})", "a JSON object (see /docs)") \
                 from None
@@ -220,7 +232,7 @@ class ModelServer:
     async def predict(self, request: Request) -> Response:
         try:
             served = self._ready()
-            body, raw = await self._body(request)
+            body, raw, _ = await self._body(request)
             x = schemas.parse_predict(body, served.spec, raw)
             served, probs = await self._infer(x)
         except InputError as err:
@@ -247,7 +259,7 @@ class ModelServer:
     # Open Inference Protocol v2 (KServe / Triton REST) ---------------------------------------------------
     @api.get("/v2")
     async def v2_server(self) -> Response:
-        return _json({"name": "modelworks", "version": "1", "extensions": []})
+        return _json({"name": "modelworks", "version": _server_version(), "extensions": ["binary_tensor_data"]})
 
     @api.get("/v2/health/live")
     async def v2_live(self) -> Response:
@@ -302,22 +314,27 @@ class ModelServer:
     async def _v2_infer(self, request: Request, name: str, version: str | None) -> Response:
         try:
             s = self._model(name, version)
-            body, raw = await self._body(request)
-            x, req_id, outputs = schemas.parse_v2_infer(body, s.spec, raw)
+            body, raw, binary = await self._body(request, binary_ok=True)
+            x, req_id, _ = schemas.parse_v2_infer(body, s.spec, raw, binary)
+            plan = dict(schemas.v2_outputs(body))  # output -> as binary data; answered in the fixed order below
             s, probs = await self._infer(x)
         except InputError as err:
             return _error(err)
         out = []
-        if "probabilities" in outputs:
-            out.append({"name": "probabilities", "datatype": "FP32", "shape": list(probs.shape),
-                        "data": [float(v) for v in probs.reshape(-1)]})
-        if "label" in outputs:
-            out.append({"name": "label", "datatype": "BYTES", "shape": [len(probs)],
-                        "data": [s.class_names[int(k)] for k in probs.argmax(axis=1)]})
-        resp = {"model_name": s.name, "model_version": str(s.version), "outputs": out}
-        if req_id is not None:
-            resp["id"] = req_id
-        return _json(resp)
+        for name in schemas.V2_OUTPUTS:
+            if name not in plan:
+                continue
+            as_binary = plan[name]
+            if name == "probabilities":
+                out.append((name, "FP32", list(probs.shape), probs, as_binary))
+            else:
+                out.append((name, "BYTES", [len(probs)], [s.class_names[int(k)] for k in probs.argmax(axis=1)],
+                            as_binary))
+        content, header_len = schemas.v2_response(s.name, str(s.version), req_id, out)
+        if header_len is None:
+            return Response(content, media_type="application/json")
+        return Response(content, media_type="application/octet-stream",
+                        headers={schemas.V2_HEADER_LENGTH: str(header_len)})
 
     @api.post("/v2/models/{name}/infer", openapi_extra=_openapi_body(schemas.V2InferRequest),
               responses={200: {"model": schemas.V2InferResponse}, 422: {"model": schemas.ErrorResponse}})
