@@ -184,16 +184,16 @@ def main() -> None:
     from modelworks.workflow import ensure_ray
 
     ensure_ray()
-    from modelworks import train
+    from modelworks import train as mw_train  # not `train`: that name is the training sentences here
 
-    planned = train.plan_cpus
+    planned = mw_train.plan_cpus
     if args.mw_threads:  # diagnostic only: the workers' thread count instead of what plan_cpus decides
-        train.plan_cpus = lambda w, gpu: dataclasses.replace(planned(w, gpu), threads=args.mw_threads)
+        mw_train.plan_cpus = lambda w, gpu: dataclasses.replace(planned(w, gpu), threads=args.mw_threads)
     try:
         for workers in [int(w) for w in args.workers.split(",")]:
             r = bench_modelworks(config(args.epochs, workers), pre, spec, train, val, home / "runs")
             r["tokens_per_s"] = steady(r["rates"])
-            r["threads_per_worker"] = train.plan_cpus(workers, False).threads
+            r["threads_per_worker"] = mw_train.plan_cpus(workers, False).threads
             results[f"mw{workers}"] = r
             print(f"      mw{workers}: {r['tokens_per_s']:9.0f} tokens/s   per epoch {[round(x) for x in r['rates']]}"
                   f"   whole run {r['wall_s']:.1f} s ({r['end_to_end_tokens_per_s']:.0f} tokens/s incl. worker "

@@ -14,8 +14,8 @@ import torch
 from modelworks import checkpoint
 from modelworks.config import DataConfig, validate
 from modelworks.data.sources import _read_text_rows
-from modelworks.data.text import (CLS_ID, PAD_ID, SEP_ID, TOKENIZER_FILE, TextPreprocessor, fit, label_map,
-                                  length_bucketed_batches, trim)
+from modelworks.data.text import (CLS_ID, PAD_ID, SEP_ID, TOKENIZER_FILE, TextPreprocessor, drop_contained, fit,
+                                  label_map, length_bucketed_batches, trim)
 from modelworks.errors import CheckpointError, DataError, UserError
 from modelworks.models import build_model
 
@@ -78,6 +78,14 @@ def test_trim_cuts_to_the_longest_row():
     out = trim(ids, np.array([3, 7, 5]))
     assert out.shape == (3, 7) and (out == ids[:, :7]).all()
     assert trim(ids, np.array([0, 0, 0])).shape == (3, 1)  # never zero-width
+
+
+def test_drop_contained_keeps_whole_sentences_only():
+    phrases = ["a good film", "good", "a good", "goodness", "a good film", "film noir", " the end ", "the"]
+    # "good"/"a good" sit inside "a good film" and "the" inside "the end"; "goodness" contains "good" but is
+    # not inside anything (word-aligned), and duplicates collapse to the first one seen.
+    assert drop_contained(phrases) == ["a good film", "goodness", "film noir", "the end"]
+    assert drop_contained(["", "  "]) == []
 
 
 def test_label_map_orders_numbers_numerically():

@@ -95,6 +95,8 @@ class PretrainConfig(_Strict):
     extra unlabelled corpus, before the `train` step fine-tunes the encoder for the task."""
     enabled: bool = Field(True, description="false: skip pre-training; `train` starts from scratch (the baseline)")
     corpus: list[str] = Field(default_factory=list, description="extra plain-text files, one example per line")
+    drop_contained: bool = Field(False, description="pre-train only on texts that are not part of a longer one "
+                                                    "(a treebank lists every phrase of every sentence)")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)

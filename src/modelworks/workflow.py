@@ -223,6 +223,10 @@ def _text_steps(cfg: WorkflowConfig, src: sources.Source, run_dir: Path, number:
         texts = src.splits["train"].select_columns(["text"])
         if corpus is not None:
             texts = texts.union(corpus.select_columns(["text"]))
+        if cfg.pretrain.drop_contained:  # the driver holds the texts anyway to fit the tokenizer
+            whole = text_data.drop_contained(_texts(texts))
+            log(f"      corpus: {len(whole)} texts that are not part of a longer one (drop_contained)")
+            texts = ray.data.from_items([{"text": t} for t in whole])
         datasets = {"train": mlm.apply(texts), "val": mlm.apply(src.splits["val"].select_columns(["text"]))}
         spec = train_text.text_model_spec(cfg, mlm, "mlm")
         pre_dir = train_text.fit_text(cfg, "mlm", datasets, mlm, spec, run_dir, "pretrain", log=log)
