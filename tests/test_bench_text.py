@@ -1,11 +1,18 @@
 """bench/gpu_check.py, tiny, on the CPU: it trains both heads (loss falls, tokens/s measured, JSON written)
-and never imports Ray, so that it runs on a GPU machine where only torch, numpy and tokenizers exist."""
+and never imports Ray, so that it runs on a GPU machine where only torch, numpy and tokenizers exist.
+bench/text_throughput.py runs tiny too (plain loop and a real 1-worker Ray Train run).
+"""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,3 +52,22 @@ def test_gpu_check_trains_tiny_on_cpu_without_ray(tmp_path):
     assert {"torch", "tokenizers", "modelworks.text_steps", "modelworks.models.transformer"} <= modules
     # ... and no module of Ray (nor of anything that pulls Ray in) was loaded.
     assert not {m for m in modules if m == "ray" or m.startswith("ray.")}
+
+
+@pytest.mark.ray
+def test_text_throughput_bench_runs_tiny(tmp_path):
+    """bench/text_throughput.py end to end, tiny: the plain loop and a real 1-worker Ray Train run on the
+    same SST-2 sentences, a ratio printed and written to JSON."""
+    data = require_dataset("sst2").parent
+    out = tmp_path / "text_throughput.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench/text_throughput.py"), "--data-dir", str(data),
+                           "--rows", "400", "--epochs", "2", "--workers", "1", "--plain-threads", "1",
+                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["rows"] == 400
+    for variant in ("plain", "mw1"):
+        assert len(result[variant]["rates"]) == 2 and result[variant]["tokens_per_s"] > 0, variant
+    assert result["ratios"]["mw1_vs_plain"] > 0
+    assert "mw1_vs_plain:" in proc.stdout
