@@ -70,3 +70,41 @@ def test_workflow_file_with_bad_field_reports_it(tmp_path):
     bad.write_text("from modelworks.config import *\nCONFIG = WorkflowConfig(name='x', train=TrainConfig(epochs=0))\n")
     with pytest.raises(UserError, match="train.epochs"):
         load_workflow(bad)
+
+
+def test_regression_metrics_and_gate_follow_the_task():
+    reg = load_workflow(REPO / "workflows/diabetes.py")
+    assert (reg.evaluate.metric, reg.registry.gate_metric, reg.registry.better()) == ("val_r2", "test_r2", "higher")
+    assert reg.registry.threshold() == 0.35
+    # Each task's default metric follows a task switched on the command line.
+    wine = load_workflow(REPO / "workflows/wine.py")
+    switched = apply_overrides(wine, ["model.task=regression", "registry.min_accuracy=0"])
+    assert (switched.evaluate.metric, switched.registry.gate_metric) == ("val_r2", "test_r2")
+    assert apply_overrides(reg, ["registry.gate_metric=test_mae"]).registry.better() == "lower"
+
+
+@pytest.mark.parametrize("path, override, needle", [
+    ("wine.py", "registry.gate_metric=test_mae", "registry.gate_metric='test_mae' is a regression metric"),
+    ("diabetes.py", "train.loss=cross_entropy", "train.loss='cross_entropy' does not fit model.task='regression'"),
+    ("digits.py", "model.task=regression", "model.task='regression' needs table data"),
+    ("diabetes.py", "registry.min_accuracy=0.9", "registry.gate_threshold"),
+    ("wine.py", "data.name=boston", "data.name 'boston' is not a scikit-learn table"),
+])
+def test_task_mismatches_are_one_line(path, override, needle):
+    with pytest.raises(UserError) as err:
+        apply_overrides(load_workflow(REPO / "workflows" / path), [override])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert "{" not in str(err.value)  # names the keys, without dumping the whole config
+
+
+def test_overridden_data_registers_under_the_data_name():
+    digits = load_workflow(REPO / "workflows/digits.py")
+    as_table = apply_overrides(digits, ["data.source=table", "data.path=/data/wine.csv", "data.label_column=y"])
+    assert as_table.registry.model_name == "wine"
+    assert apply_overrides(digits, ["data.source=sklearn", "data.name=iris"]).registry.model_name == "iris"
+    named = apply_overrides(digits, ["data.source=table", "data.path=s3://b/x.parquet", "registry.model_name=mine"])
+    assert named.registry.model_name == "mine"
+    assert apply_overrides(digits, ["train.epochs=2", "data.val_fraction=0.2"]).registry.model_name is None
+    # Text read from other split files (train.csv, ...) is still the workflow's dataset: its name stays.
+    sst2 = load_workflow(REPO / "workflows/sst2.py")
+    assert apply_overrides(sst2, ["data.path=/x/train.csv"]).registry.model_name is None

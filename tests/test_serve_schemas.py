@@ -15,10 +15,12 @@ from modelworks.config import ServeConfig
 from modelworks.errors import UserError
 from modelworks.serve import schemas
 from modelworks.serve.cli import parse_replicas
-from modelworks.serve.schemas import InputError, InputSpec, TextSpec
+from modelworks.serve.schemas import InputError, InputSpec, TableSpec, TextSpec
 
 SPEC = InputSpec((8, 8), max_inputs=4, pixel_scale=16 / 255)
 TEXT = TextSpec(max_inputs=4, max_chars=50)
+TABLE = TableSpec((("alcohol", "numeric"), ("hue", "numeric"), ("region", "categorical")), max_inputs=4)
+NUMERIC_TABLE = TableSpec((("age", "numeric"), ("bmi", "numeric")), max_inputs=4, regression=True)
 
 
 def png_b64(w: int, h: int, value: int = 255) -> str:
@@ -175,9 +177,50 @@ def test_v2_text_rejects(body, field):
     assert e.status == 422 and e.field == field, e.to_dict()
 
 
+def test_predict_table_takes_named_features_or_ordered_values():
+    rows = schemas.parse_predict({"input": {"region": "north", "hue": 1, "alcohol": 13.2}}, TABLE)
+    assert rows == [{"alcohol": 13.2, "hue": 1.0, "region": "north"}]  # the model's column order
+    assert schemas.parse_predict({"input": [13.2, 1, "north"]}, TABLE) == rows
+    # null is a missing value (imputed as in training); a category may be a number or a bool
+    batch = schemas.parse_predict({"inputs": [{"alcohol": None, "hue": 0.5, "region": None},
+                                              [12, 0.7, 3]]}, TABLE)
+    assert batch == [{"alcohol": None, "hue": 0.5, "region": None}, {"alcohol": 12.0, "hue": 0.7, "region": 3}]
+
+
+@pytest.mark.parametrize("body, field, fragment", [
+    ({"input": {"alcohol": 13.2, "hue": 1.0}}, "input.region", "is missing"),
+    ({"input": {"alcohol": 13.2, "hue": 1.0, "region": "x", "colour": "red"}}, "input.colour", "not a column"),
+    ({"inputs": [[1, 2, "x"], {"alcohol": 1, "hue": 2}]}, "inputs[1].region", "is missing"),
+    ({"input": {"alcohol": "high", "hue": 1.0, "region": "x"}}, "input.alcohol", "not a number"),
+    ({"input": {"alcohol": True, "hue": 1.0, "region": "x"}}, "input.alcohol", "not a number"),
+    ({"input": {"alcohol": 1e300, "hue": 1.0, "region": "x"}}, "input.alcohol", "out of range"),
+    ({"input": {"alcohol": 1.0, "hue": 1.0, "region": {"a": 1}}}, "input.region", "got dict"),
+    ({"input": [1.0, 2.0]}, "input", "2 values for 3 columns"),
+    ({"input": "13.2,1,north"}, "input", "got str"),
+    ({"inputs": [[1, 2, "x"]] * 5}, "inputs", "limit 4"),
+])
+def test_predict_table_rejects_naming_the_column(body, field, fragment):
+    e = err(schemas.parse_predict, body, TABLE)
+    assert (e.status, e.field) == (422, field) and fragment in e.message, e.to_dict()
+
+
+def test_v2_table_numeric_only_and_regression_outputs():
+    body = {"inputs": [{"name": "input", "shape": [2, 2], "datatype": "FP32", "data": [50, 22.5, 61, 30.1]}],
+            "outputs": [{"name": "value"}]}
+    rows, _, outputs = schemas.parse_v2_infer(body, NUMERIC_TABLE)
+    assert rows == [{"age": 50.0, "bmi": 22.5}, {"age": 61.0, "bmi": pytest.approx(30.1)}] and outputs == ["value"]
+    assert schemas.v2_output_names(NUMERIC_TABLE) == ("value",) and schemas.v2_output_names(TABLE) == schemas.V2_OUTPUTS
+    wrong = {**body, "outputs": [{"name": "probabilities"}]}
+    assert err(schemas.parse_v2_infer, wrong, NUMERIC_TABLE).field == "outputs[0].name"
+    categorical = {"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
+    e = err(schemas.parse_v2_infer, categorical, TABLE)
+    assert e.status == 422 and "region" in e.message and "/predict" in e.expected
+
+
 def test_spec_follows_the_model_and_serve_config():
     from modelworks.data import text
     from modelworks.data.preprocess import Preprocessor
+    from modelworks.data.table import TablePreprocessor
     from modelworks.serve.testing import TEXT_CLASS_NAMES, sentiment_data
 
     cfg = ServeConfig()
@@ -186,6 +229,8 @@ def test_spec_follows_the_model_and_serve_config():
     assert schemas.spec_for(pre, "text", cfg.max_inputs, cfg.max_text_chars) == TextSpec(256, 2000)
     image = schemas.spec_for(Preprocessor([8, 8], 0.0, 1.0, [0, 1]), "digits", 256, 2000)
     assert image == InputSpec((8, 8), 256, pixel_scale=16 / 255)
+    columns = [{"name": "age", "role": "numeric"}, {"name": "bmi", "role": "numeric"}]
+    assert schemas.spec_for(TablePreprocessor(columns, "regression", []), "sklearn", 4, 2000) == NUMERIC_TABLE
 
 
 def test_register_text_is_a_real_model_with_a_valid_config(modelworks_home):

@@ -3,7 +3,7 @@
 
     model.safetensors   weights (no pickle)
     model.json          architecture spec: rebuilds the network with models.build_model
-    preprocessor.json   fitted preprocessing + label map
+    preprocessor.json   fitted preprocessing + label map (tables: per-column statistics, categories, fills)
     tokenizer.json      text models only: the HF tokenizer fitted on the training split
     labels.json         class names in index order
     metrics.json        this epoch's metrics and the history so far
@@ -102,16 +102,30 @@ def save(directory: str | Path, *, model: nn.Module, spec: dict, preprocessor, m
 class LoadedModel:
     model: nn.Module
     spec: dict
-    preprocessor: Any               # data.preprocess.Preprocessor or data.text.TextPreprocessor
+    preprocessor: Any               # data/: preprocess.Preprocessor, text.TextPreprocessor, table.TablePreprocessor
     class_names: list[str]
     metrics: dict
     config: dict
     path: Path
 
+    @property
+    def task(self) -> str:
+        return self.spec.get("task", "classification")
+
     @torch.no_grad()
     def predict_proba(self, x_raw) -> torch.Tensor:
-        """Class probabilities for raw inputs (images as arrays, or texts), through the saved preprocessor."""
+        """Class probabilities for raw inputs (images as arrays, texts, or table rows), through the saved
+        preprocessor."""
         return torch.softmax(self.model(self.preprocessor.to_model_input(x_raw)), dim=1)
+
+    @torch.no_grad()
+    def predict_values(self, x_raw) -> torch.Tensor:
+        """Regression: (N,) predictions in the label's units."""
+        return self.preprocessor.to_label_units(self.model(self.preprocessor.to_model_input(x_raw)))
+
+    def predict_outputs(self, x_raw) -> torch.Tensor:
+        """What a server answers with: class probabilities (N, C), or for regression the values (N, 1)."""
+        return self.predict_values(x_raw)[:, None] if self.task == "regression" else self.predict_proba(x_raw)
 
 
 def load(directory: str | Path, *, verify_sums: bool = True) -> LoadedModel:

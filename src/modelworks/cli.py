@@ -55,7 +55,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(result_json(result), flush=True)
     else:
         print(f"model:  {result.model or '(not registered)'}{'  [production]' if result.production else ''}")
-        print(f"test accuracy: {result.test_accuracy:.4f}")
+        if result.task == "regression":
+            print(f"test R²: {result.test_r2:.4f}  MAE: {result.test_mae:.4g}  RMSE: {result.test_rmse:.4g}")
+        else:
+            print(f"test accuracy: {result.test_accuracy:.4f}")
         print(f"report: {result.report}")
         print(f"run:    {result.run_dir}")
     if args.serve:
@@ -90,14 +93,16 @@ def cmd_models(args: argparse.Namespace) -> int:
             for v in reg.versions(name):
                 info = reg.info(name, v)
                 rows.append({"model": f"{name}@{v}", "aliases": info["aliases"],
-                             "test_accuracy": info.get("test_accuracy"), "created": info.get("created")})
+                             "test_accuracy": info.get("test_accuracy"), "test_r2": info.get("test_r2"),
+                             "created": info.get("created")})
         if args.json:
             print(json.dumps(rows))
         elif not rows:
             print(f"no models in {reg.uri}")
         for r in rows if not args.json else []:
-            acc = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-"
-            print(f"{r['model']:<28} acc={acc}  {r['created']}  {' '.join(r['aliases'])}")
+            score = (f"r2={r['test_r2']:.4f}" if r["test_r2"] is not None else
+                     f"acc={r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "acc=-")
+            print(f"{r['model']:<28} {score}  {r['created']}  {' '.join(r['aliases'])}")
         return 0
     if args.models_cmd == "show":
         name, version = reg.resolve(args.ref)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +27,10 @@ class DataConfig(_Strict):
     # table: Parquet or CSV at `path` (local or any pyarrow filesystem URI such as s3://).
     # text: sentences with labels in CSV/TSV/JSONL/Parquet (optionally .gz) at `path`, or, without `path`,
     #   <data-dir>/<name>/{train,validation,test}.<ext> as the dataset ships them (sst2).
-    source: Literal["digits", "idx", "table", "text"] = "digits"
+    # sklearn: a table shipped inside scikit-learn, picked by `name` (SKLEARN_TABLES); offline.
+    # A table without image_column (and every sklearn table) is read column by column: each feature column
+    # is numeric or categorical (inferred from its type, overridable below) and preprocessed on its own.
+    source: Literal["digits", "idx", "table", "text", "sklearn"] = "digits"
     name: str = "digits"
     path: str | None = Field(None, description="table/text: training file; idx: folder holding the IDX files")
     val_path: str | None = Field(None, description="text: validation file (else carved from `path`)")
@@ -36,6 +40,14 @@ class DataConfig(_Strict):
     label_column: str = "label"
     image_column: str | None = Field(None, description="table: column holding a flat/2-D pixel array")
     feature_columns: list[str] | None = Field(None, description="table: pixel/feature columns (default: all but label)")
+    numeric_columns: list[str] | None = Field(None, description="table: columns to read as numbers (default: inferred "
+                                                                "from the column type)")
+    categorical_columns: list[str] | None = Field(None, description="table: columns to one-hot encode (default: text "
+                                                                    "and boolean-like columns)")
+    scaling: Literal["standard", "minmax"] = Field("standard", description="table: numeric columns scaled per column "
+                                                                           "to mean 0 / std 1, or to 0..1")
+    max_categories: int = Field(50, ge=1, description="table: one-hot slots per categorical column (the most "
+                                                      "frequent values; rarer ones share the 'unknown' slot)")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="digits/table without test_path")
     split_seed: int = 0
@@ -49,6 +61,8 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: Literal["mlp", "transformer"] = "mlp"
+    # regression: one output, a number in the label's units (tables only); classification: one per class.
+    task: Literal["classification", "regression"] = "classification"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # mlp
     hidden_sizes: list[int] = Field(default_factory=lambda: [256, 128])
@@ -83,6 +97,8 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(1.0, gt=0, description="text: clip the gradient norm (null = off)")
     grad_accum: int = Field(1, ge=1, description="text: micro-batches per optimizer step")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    loss: Literal["auto", "cross_entropy", "mse", "huber"] = Field(
+        "auto", description="auto: cross-entropy for classification, mse for regression")
     init_from: str | None = Field(None, description="text: fine-tune from a registered encoder (NAME@VERSION|ALIAS)")
     workers: int = Field(1, ge=1)
     use_gpu: bool = False
@@ -115,17 +131,40 @@ class PretrainConfig(_Strict):
 
 
 class EvaluateConfig(_Strict):
-    metric: Literal["val_accuracy"] = "val_accuracy"
+    # Picks the best checkpoint (validation split only). Regression defaults to val_r2.
+    metric: Literal["val_accuracy", "val_r2", "val_loss"] = "val_accuracy"
     batch_size: int = Field(1024, ge=1)
+
+
+# Test metrics the registry gate can read, and which way is better (regression defaults to test_r2).
+GATE_METRICS = {"test_accuracy": "higher", "test_loss": "lower", "test_r2": "higher", "test_mae": "lower",
+                "test_rmse": "lower"}
+# Metrics that exist for one task only (losses exist for both).
+TASK_METRICS = {"classification": {"val_accuracy", "test_accuracy"},
+                "regression": {"val_r2", "test_r2", "test_mae", "test_rmse"}}
 
 
 class RegisterConfig(_Strict):
     enabled: bool = True
     model_name: str | None = Field(None, description="default: the workflow name")
-    # The `production` alias moves only when test accuracy reaches min_accuracy and beats the current
-    # production version by at least `gate_margin` (accuracy points as a fraction).
+    # The `production` alias moves only when the gate metric reaches its threshold and beats the current
+    # production version by at least `gate_margin` (in the metric's units, in its better direction).
+    gate_metric: Literal["test_accuracy", "test_loss", "test_r2", "test_mae", "test_rmse"] = "test_accuracy"
+    gate_direction: Literal["auto", "higher", "lower"] = Field("auto", description="auto: higher for accuracy "
+                                                                                   "and R², lower for errors")
+    gate_threshold: float | None = Field(None, description="the gate metric must reach this (default: min_accuracy "
+                                                           "for test_accuracy, none otherwise)")
     min_accuracy: float = Field(0.0, ge=0.0, le=1.0)
     gate_margin: float = 0.0
+
+    def better(self) -> str:
+        """'higher' or 'lower': which way the gate metric improves."""
+        return GATE_METRICS[self.gate_metric] if self.gate_direction == "auto" else self.gate_direction
+
+    def threshold(self) -> float | None:
+        if self.gate_threshold is not None:
+            return self.gate_threshold
+        return self.min_accuracy if self.gate_metric == "test_accuracy" else None
 
 
 # Search-space domains: {"loguniform": [lo, hi]}, {"uniform": [lo, hi]}, {"quniform": [lo, hi, q]},
@@ -220,6 +259,16 @@ STEPS = ("pretrain", "train", "evaluate", "register")
 DEFAULT_STEPS = ["train", "evaluate", "register"]
 
 
+# data.source="sklearn": data.name -> the scikit-learn loader (each ships its table inside the package).
+SKLEARN_TABLES = {"wine": "load_wine", "diabetes": "load_diabetes", "iris": "load_iris",
+                  "breast_cancer": "load_breast_cancer"}
+
+
+def is_tabular(data: DataConfig) -> bool:
+    """Data read column by column (per-column preprocessing), rather than as one array per row."""
+    return data.source == "sklearn" or (data.source == "table" and not data.image_column)
+
+
 class WorkflowConfig(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     steps: list[Literal["pretrain", "train", "evaluate", "register"]] = Field(default_factory=lambda: list(DEFAULT_STEPS))
@@ -249,7 +298,42 @@ class WorkflowConfig(_Strict):
         if self.search.enabled and text_model:
             raise ValueError("search.enabled: searching a transformer is not supported yet; run the text workflow "
                              "without search")
+        if self.data.source == "sklearn" and self.data.name not in SKLEARN_TABLES:
+            raise ValueError(f"data.name '{self.data.name}' is not a scikit-learn table; data.source='sklearn' takes "
+                             f"one of {', '.join(SKLEARN_TABLES)}")
+        self._check_task()
         return self
+
+    def _check_task(self) -> None:
+        """Loss, selection metric and gate metric must fit model.task; their defaults follow it."""
+        regression = self.model.task == "regression"
+        if regression and not is_tabular(self.data):
+            raise ValueError(f"model.task='regression' needs table data (data.source='table' or 'sklearn'), not "
+                             f"data.source='{self.data.source}'" + (" with data.image_column" if self.data.image_column
+                                                                    else ""))
+        if regression and self.search.enabled:
+            raise ValueError("search.enabled: searching a regression model is not supported yet; run without search")
+        if self.train.loss != "auto" and (self.train.loss == "cross_entropy") == regression:
+            raise ValueError(f"train.loss='{self.train.loss}' does not fit model.task='{self.model.task}' "
+                             f"(classification: cross_entropy; regression: mse or huber)")
+        # Each task's default metric swaps for the other's (so `--set model.task=regression` just works);
+        # any other metric that does not exist for the task is an error.
+        for section, field, defaults in ((self.evaluate, "metric", {"classification": "val_accuracy",
+                                                                    "regression": "val_r2"}),
+                                         (self.registry, "gate_metric", {"classification": "test_accuracy",
+                                                                         "regression": "test_r2"})):
+            value, other = getattr(section, field), "classification" if regression else "regression"
+            if value not in TASK_METRICS[other]:
+                continue
+            if value == defaults[other]:
+                object.__setattr__(section, field, defaults[self.model.task])
+                continue
+            name = "evaluate" if section is self.evaluate else "registry"
+            raise ValueError(f"{name}.{field}='{value}' is a {other} metric; model.task='{self.model.task}' uses "
+                             f"{', '.join(sorted(TASK_METRICS[self.model.task]))} or the loss")
+        if regression and self.registry.min_accuracy > 0:
+            raise ValueError("registry.min_accuracy is for classification; a regression gate uses "
+                             "registry.gate_threshold (e.g. --set registry.gate_threshold=0.4 with test_r2)")
 
     def digest(self) -> str:
         """Short stable hash of the config: names runs so the same command resumes the same run."""
@@ -269,6 +353,8 @@ def format_validation_error(err: ValidationError) -> str:
         loc = ".".join(str(p) for p in prefix + list(e["loc"])) or "config"
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown config key '{loc}' (check the spelling; see modelworks/config.py)")
+        elif not e["loc"] and e["type"] == "value_error":  # a check across sections: its message names the keys
+            parts.append(e["msg"].removeprefix("Value error, "))
         else:
             parts.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
     return "invalid config: " + "; ".join(parts)
@@ -287,6 +373,22 @@ def _parse_value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+
+
+def _data_model_name(data: dict, keys: set[str]) -> str | None:
+    """The registry name for other data than the workflow's, given on the command line: data.name when it
+    is given, else the table file's name (wine.csv -> wine), so wine data run through workflows/digits.py
+    does not become another `digits` version. Other data means a new data.source or data.name, or a new
+    data.path for a table; a new path for text (its train/validation/test files) keeps the workflow's name.
+    None when the name stays, or registry.model_name is given."""
+    tabular = data.get("source") == "sklearn" or (data.get("source") == "table" and not data.get("image_column"))
+    other = bool(keys & {"data.source", "data.name"}) or ("data.path" in keys and tabular)
+    if "registry.model_name" in keys or not other:
+        return None
+    if "data.name" not in keys and data.get("path"):
+        stem = str(data["path"]).rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", stem).lstrip("-_.") or None
+    return str(data.get("name")) or None
 
 
 def apply_overrides(cfg: WorkflowConfig, overrides: list[str]) -> WorkflowConfig:
@@ -308,6 +410,9 @@ def apply_overrides(cfg: WorkflowConfig, overrides: list[str]) -> WorkflowConfig
                 node[part] = _parse_value(raw)
             else:
                 node = node.setdefault(part, {})
+    name = _data_model_name(data["data"], {item.partition("=")[0] for item in overrides})
+    if name and name != data["name"]:
+        data["registry"]["model_name"] = name
     return validate(data)
 
 

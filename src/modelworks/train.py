@@ -25,6 +25,7 @@ from torch import nn
 
 from modelworks import checkpoint
 from modelworks.config import WorkflowConfig
+from modelworks.data import preprocess
 from modelworks.data.preprocess import Preprocessor
 from modelworks.errors import UserError
 from modelworks.models import build_model
@@ -39,6 +40,19 @@ DATA_CPUS = 1.0
 def model_spec(cfg: WorkflowConfig, pre: Preprocessor) -> dict:
     return {"name": cfg.model.name, "input_dim": pre.input_dim, "num_classes": pre.num_classes,
             **cfg.model.model_dump(exclude={"name"})}
+
+
+def make_loss(cfg: WorkflowConfig) -> nn.Module:
+    """Cross-entropy for classification; MSE (the default) or Huber for regression, on the standardised label."""
+    if cfg.model.task == "regression":
+        return nn.HuberLoss() if cfg.train.loss == "huber" else nn.MSELoss()
+    return nn.CrossEntropyLoss()
+
+
+def forward(model: nn.Module, xb: torch.Tensor, regression: bool) -> torch.Tensor:
+    """Logits (B, C), or for regression the (B,) prediction of the standardised label."""
+    out = model(xb)
+    return out[:, 0] if regression else out
 
 
 def make_optimizer(cfg: WorkflowConfig, params) -> torch.optim.Optimizer:
@@ -63,10 +77,10 @@ def all_reduce(values: list[float], op=None) -> list[float]:
     return t.tolist()
 
 
-def _collect(shard, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _collect(shard, device, dtypes: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Read this worker's shard once through Ray Data into tensors (the shard, never the whole dataset)."""
     xs, ys = [], []
-    for batch in shard.iter_torch_batches(batch_size=8192, dtypes={"x": torch.float32, "y": torch.int64}):
+    for batch in shard.iter_torch_batches(batch_size=8192, dtypes=dtypes):
         xs.append(batch["x"])
         ys.append(batch["y"])
     if not xs:
@@ -75,21 +89,41 @@ def _collect(shard, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, batches, loss_fn) -> tuple[float, float, float]:
+def _evaluate(model: nn.Module, batches, loss_fn, regression: bool = False) -> list[float]:
+    """Sums over this rank's validation batches, to be all-reduced: [loss, correct, count] for classification,
+    [loss, count, squared error, absolute error, sum y, sum y^2] for regression (standardised units)."""
     model.eval()
-    loss_sum = correct = count = 0.0
+    sums = [0.0] * (6 if regression else 3)
     for xb, yb in batches:
-        logits = model(xb)
-        loss_sum += float(loss_fn(logits, yb)) * len(yb)
-        correct += float((logits.argmax(1) == yb).sum())
-        count += len(yb)
-    return loss_sum, correct, count
+        out = forward(model, xb, regression)
+        sums[0] += float(loss_fn(out, yb)) * len(yb)
+        if regression:
+            err = out - yb
+            for i, v in enumerate((len(yb), (err * err).sum(), err.abs().sum(), yb.sum(), (yb * yb).sum()), 1):
+                sums[i] += float(v)
+        else:
+            sums[1] += float((out.argmax(1) == yb).sum())
+            sums[2] += len(yb)
+    return sums
+
+
+def val_metrics(sums: list[float], regression: bool, target_scale: float = 1.0) -> dict:
+    """Validation metrics from the all-reduced sums of ``_evaluate``. Regression errors are reported in the
+    label's units; R² is the same in either."""
+    if not regression:
+        loss_sum, correct, count = sums
+        return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
+    loss_sum, n, sse, abs_sum, y_sum, y2_sum = sums
+    n = max(n, 1)
+    total = y2_sum - y_sum * y_sum / n  # sum of squares around the mean
+    return {"val_loss": loss_sum / n, "val_r2": 1.0 - sse / total if total > 0 else 0.0,
+            "val_mae": abs_sum / n * target_scale, "val_rmse": math.sqrt(sse / n) * target_scale}
 
 
 # --------------------------------------------------------------------------------------- worker loop
 def train_loop(loop_cfg: dict) -> None:
     cfg = WorkflowConfig.model_validate(loop_cfg["config"])
-    pre = Preprocessor.from_json(loop_cfg["preprocessor"])
+    pre = preprocess.from_json(loop_cfg["preprocessor"])  # image or table preprocessor
     torch.set_num_threads(loop_cfg["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -111,15 +145,16 @@ def train_loop(loop_cfg: dict) -> None:
             start_epoch = loaded.metrics["epoch"] + 1
             history = loaded.metrics.get("history", [])
     model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, nccl on GPU) when world > 1
-    loss_fn = nn.CrossEntropyLoss()
+    regression = cfg.model.task == "regression"
+    loss_fn = make_loss(cfg)
     local_bs = max(1, cfg.train.batch_size // world)  # the configured batch is global, as in the seed
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    dtypes = {"x": torch.float32, "y": torch.int64}
+    dtypes = {"x": torch.float32, "y": torch.float32 if regression else torch.int64}
 
     cached = None
     if cfg.data.cache_on_worker:
-        cached = _collect(train_shard, device), _collect(val_shard, device)
+        cached = _collect(train_shard, device, dtypes), _collect(val_shard, device, dtypes)
         # Every rank must take the same number of steps, or DDP's all-reduce waits forever.
         steps = int(all_reduce([len(cached[0][0]) // local_bs], dist.ReduceOp.MIN if world > 1 else None)[0])
 
@@ -139,7 +174,7 @@ def train_loop(loop_cfg: dict) -> None:
                 batch_size=local_bs, drop_last=True, dtypes=dtypes, device=device))
         for xb, yb in batches:
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
+            loss = loss_fn(forward(model, xb, regression), yb)
             loss.backward()
             optimizer.step()
             loss_sum += loss.item() * len(yb)
@@ -151,21 +186,21 @@ def train_loop(loop_cfg: dict) -> None:
         else:
             val_batches = ((b["x"], b["y"]) for b in val_shard.iter_torch_batches(
                 batch_size=4096, dtypes=dtypes, device=device))
-        v_loss, v_correct, v_count = _evaluate(model, val_batches, loss_fn)
-        loss_sum, seen, v_loss, v_correct, v_count = all_reduce([loss_sum, seen, v_loss, v_correct, v_count])
+        loss_sum, seen, *v_sums = all_reduce([loss_sum, seen, *_evaluate(model, val_batches, loss_fn, regression)])
         metrics = {
             "epoch": epoch,
             "train_loss": loss_sum / max(seen, 1),
-            "val_loss": v_loss / max(v_count, 1),
-            "val_accuracy": v_correct / max(v_count, 1),
+            **val_metrics(v_sums, regression, getattr(pre, "target_scale", 1.0)),
             "train_samples": int(seen),
             "samples_per_s": seen / max(train_time, 1e-9),  # all ranks' samples per second
             "lr": lr_at(cfg, epoch),
         }
         history.append(metrics)
         if rank == 0:
+            score = (f"val_r2={metrics['val_r2']:.4f}  val_mae={metrics['val_mae']:.4g}" if regression
+                     else f"val_acc={metrics['val_accuracy']:.4f}")
             print(f"[modelworks] epoch {epoch}/{cfg.train.epochs}  train_loss={metrics['train_loss']:.4f}  "
-                  f"val_loss={metrics['val_loss']:.4f}  val_acc={metrics['val_accuracy']:.4f}  "
+                  f"val_loss={metrics['val_loss']:.4f}  {score}  "
                   f"{metrics['samples_per_s']:.0f} samples/s", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -232,10 +267,13 @@ def resume_epoch(run_dir: Path) -> int:
 
 
 def best_checkpoint(run_dir: Path, metric: str = "val_accuracy") -> Path:
+    """The checkpoint with the best validation ``metric`` (lowest for val_loss, else highest); ties go to
+    the lower validation loss, then the earlier epoch."""
     scored = []
     for epoch, path in list_checkpoints(run_dir):
         m = json.loads((path / "metrics.json").read_text())
-        scored.append((m[metric], -m["val_loss"], -epoch, path))
+        primary = -m[metric] if metric == "val_loss" else m[metric]
+        scored.append((primary, -m["val_loss"], -epoch, path))
     if not scored:
         raise UserError(f"run {run_dir} has no checkpoint; train it first")
     return max(scored)[-1]

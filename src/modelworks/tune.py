@@ -668,7 +668,7 @@ def run_search(cfg: WorkflowConfig, *, name: str | None = None, data_dir: str | 
     from ray.tune.search import BasicVariantGenerator
 
     from modelworks import tune_state, workflow
-    from modelworks.data import preprocess, sources
+    from modelworks.data import sources
     from modelworks.evaluate import evaluate_checkpoint
 
     t0 = time.time()
@@ -695,7 +695,7 @@ def run_search(cfg: WorkflowConfig, *, name: str | None = None, data_dir: str | 
     log(f"[1/5] ingest: {cfg.data.source} '{cfg.data.name}'")
     src = sources.load_source(cfg.data, data_dir)
     log("[2/5] preprocess: fitting on the training split")
-    pre = preprocess.fit(src.splits["train"], src.class_names, src.image_shape)
+    pre = workflow.fit_preprocessor(cfg, src, log)
     # Read and preprocess once for every trial: the trials iterate in-memory blocks.
     datasets = {s: pre.apply(src.splits[s]).materialize() for s in ("train", "val")}
     # Now that the data's size is known, cap the concurrency by memory too (every trial caches its shard).

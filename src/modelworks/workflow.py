@@ -38,12 +38,17 @@ class RunResult:
     run: str
     run_dir: str
     checkpoint: str
-    val_accuracy: float
-    test_accuracy: float
+    val_accuracy: float | None   # None for regression
+    test_accuracy: float | None
     model: str          # name@version
     report: str
     production: bool    # whether this version now holds the `production` alias
     seconds: float
+    task: str = "classification"
+    val_r2: float | None = None  # regression: on the label's units, as scikit-learn's metrics
+    test_r2: float | None = None
+    test_mae: float | None = None
+    test_rmse: float | None = None
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -84,33 +89,69 @@ def _claim_run_dir(run_dir: Path, cfg: WorkflowConfig) -> None:
     saved.write_text(json.dumps(current, indent=2))
 
 
-def _gate(reg: registry_mod.Registry, name: str, version: int, cfg: WorkflowConfig, test_acc: float) -> bool:
-    """Move `production` only when the new version passes the workflow's quality gate."""
-    if test_acc < cfg.registry.min_accuracy:
+def passes_gate(value: float, threshold: float | None, production: float | None, better: str,
+                margin: float) -> bool:
+    """The quality gate: reach the threshold and beat production by ``margin``, both in the ``better``
+    direction ('higher' or 'lower')."""
+    sign = 1.0 if better == "higher" else -1.0
+    if value != value:  # NaN: not evaluated
         return False
+    if threshold is not None and sign * value < sign * threshold:
+        return False
+    return production is None or sign * value >= sign * production + margin
+
+
+def _gate(reg: registry_mod.Registry, name: str, version: int, cfg: WorkflowConfig, metrics: dict) -> bool:
+    """Move `production` only when the new version passes the workflow's quality gate."""
+    metric, gate = cfg.registry.gate_metric, cfg.registry
     prod = reg.aliases(name).get("production")
-    if prod is not None and prod != version:
-        prod_acc = reg.info(name, prod).get("test_accuracy", 0.0)
-        if test_acc < prod_acc + cfg.registry.gate_margin:
-            return False
+    prod_value = reg.info(name, prod).get(metric) if prod is not None and prod != version else None
+    if not passes_gate(metrics.get(metric, float("nan")), gate.threshold(), prod_value, gate.better(),
+                       gate.gate_margin):
+        return False
     reg.set_alias(name, "production", version)
     return True
+
+
+def model_name(cfg: WorkflowConfig) -> str:
+    """The registry name a run registers under."""
+    return cfg.registry.model_name or cfg.name
 
 
 def register_result(cfg: WorkflowConfig, run_name: str, ckpt: Path, eval_dir: Path, metrics: dict,
                     extra_meta: dict | None = None) -> tuple[str, int, bool]:
     reg = registry_mod.Registry()
-    name = cfg.registry.model_name or cfg.name
+    name = model_name(cfg)
     # Rerunning a finished run must not mint a duplicate version of the same checkpoint.
     for v in reversed(reg.versions(name)):
         meta = reg.info(name, v)
         if meta.get("run") == run_name and meta.get("checkpoint") == ckpt.name:
             return name, v, "production" in meta["aliases"]
-    meta = {"run": run_name, "checkpoint": ckpt.name, "test_accuracy": metrics["test_accuracy"],
-            "val_accuracy": json.loads((ckpt / "metrics.json").read_text())["val_accuracy"],
+    best = json.loads((ckpt / "metrics.json").read_text())
+    meta = {"run": run_name, "checkpoint": ckpt.name, "task": cfg.model.task,
+            **{k: v for k, v in metrics.items() if k.startswith("test_") and isinstance(v, (int, float))},
+            **{k: best[k] for k in ("val_accuracy", "val_r2", "val_mae", "val_rmse") if k in best},
             "config_digest": cfg.digest(), **(extra_meta or {})}
     version = reg.register(name, ckpt, artifacts=eval_dir, meta=meta)
-    return name, version, _gate(reg, name, version, cfg, metrics["test_accuracy"])
+    return name, version, _gate(reg, name, version, cfg, metrics)
+
+
+def fit_preprocessor(cfg: WorkflowConfig, src: sources.Source, log=print):
+    """The preprocess step for arrays (images, one mean/std) and tables (per column), on the training split."""
+    if src.roles is not None:
+        from modelworks.data import table
+
+        log(f"      columns: {', '.join(f'{c} ({r})' for c, r in src.roles.items())}")
+        pre = table.fit(src.splits["train"], src.roles, cfg.model.task, src.class_names, cfg.data)
+        imputed = {c["name"]: c["missing"] for c in pre.columns if c["missing"]}
+        log(f"      {pre.rows} training rows, {pre.input_dim} model inputs, "
+            + (f"{pre.num_classes} classes" if cfg.model.task == "classification" else
+               f"label '{cfg.data.label_column}' mean={pre.target_center:.4g} std={pre.target_scale:.4g}")
+            + (f"; imputed {', '.join(f'{c}: {n}' for c, n in imputed.items())}" if imputed else "; nothing missing"))
+        return pre
+    pre = preprocess.fit(src.splits["train"], src.class_names, src.image_shape)
+    log(f"      input {pre.input_shape}, {pre.num_classes} classes, mean={pre.mean:.4f} std={pre.std:.4f}")
+    return pre
 
 
 def run_workflow(cfg: WorkflowConfig, *, run_name: str | None = None, data_dir: str | None = None,
@@ -129,35 +170,42 @@ def run_workflow(cfg: WorkflowConfig, *, run_name: str | None = None, data_dir: 
         steps.remove("pretrain")
     number = {name: f"[{i}/{len(steps)}]" for i, name in enumerate(steps, start=1)}
 
-    log(f"{number['ingest']} ingest: {cfg.data.source} '{cfg.data.name}'")
+    log(f"{number['ingest']} ingest: {cfg.data.source} '{cfg.data.name}'"
+        + (f" ({cfg.data.path})" if cfg.data.path else "")
+        + (f"; registers as '{model_name(cfg)}'" if "register" in steps and cfg.registry.enabled else ""))
     src = sources.load_source(cfg.data, data_dir)
     if cfg.model.name == "transformer":
         best = _text_steps(cfg, src, run_dir, number, log)
     else:
         log(f"{number['preprocess']} preprocess: fitting on the training split")
-        pre = preprocess.fit(src.splits["train"], src.class_names, src.image_shape)
-        log(f"      input {pre.input_shape}, {pre.num_classes} classes, mean={pre.mean:.4f} std={pre.std:.4f}")
+        pre = fit_preprocessor(cfg, src, log)
         datasets = {s: pre.apply(src.splits[s]) for s in ("train", "val")}
         log(f"{number['train']} train: {cfg.train.workers} worker(s), {cfg.train.epochs} epochs, run '{run_name}'")
         train.fit(cfg, datasets, pre, runs_root(), run_name, log=log)
         best = train.best_checkpoint(run_dir, cfg.evaluate.metric)
-    val_acc = json.loads((best / "metrics.json").read_text())["val_accuracy"]
-    log(f"      best: {best.name} (val accuracy {val_acc:.4f})")
+    best_metrics = json.loads((best / "metrics.json").read_text())
+    log(f"      best: {best.name} ({cfg.evaluate.metric} {best_metrics[cfg.evaluate.metric]:.4f})")
 
-    metrics, eval_dir = {"test_accuracy": float("nan")}, run_dir / "evaluation"
+    regression = cfg.model.task == "regression"
+    metrics, eval_dir = {}, run_dir / "evaluation"
     if "evaluate" in steps:
         log(f"{number['evaluate']} evaluate: {best.name} on the test split")
         metrics = evaluate_checkpoint(best, src.splits["test"], eval_dir, run_name,
                                       val_split=src.splits["val"] if cfg.model.name == "transformer" else None)
-        log(f"      test accuracy {metrics['test_accuracy']:.4f} ({metrics['test_samples']} samples)")
+        score = (f"test R² {metrics['test_r2']:.4f}, MAE {metrics['test_mae']:.4g}, RMSE {metrics['test_rmse']:.4g}"
+                 if regression else f"test accuracy {metrics['test_accuracy']:.4f}")
+        log(f"      {score} ({metrics['test_samples']} samples)")
 
     model_ref, production = "", False
     if "register" in steps and cfg.registry.enabled:
         name, version, production = register_result(cfg, run_name, best, eval_dir, metrics)
         model_ref = f"{name}@{version}"
         log(f"{number['register']} register: {model_ref}" + (" (production)" if production else ""))
-    return RunResult(run_name, str(run_dir), str(best), val_acc, metrics["test_accuracy"], model_ref,
-                     str(eval_dir / "report.md"), production, round(time.time() - t0, 1))
+    return RunResult(run_name, str(run_dir), str(best), best_metrics.get("val_accuracy"),
+                     metrics.get("test_accuracy", None if regression else float("nan")), model_ref,
+                     str(eval_dir / "report.md"), production, round(time.time() - t0, 1), cfg.model.task,
+                     best_metrics.get("val_r2"), metrics.get("test_r2"), metrics.get("test_mae"),
+                     metrics.get("test_rmse"))
 
 
 # ------------------------------------------------------------------------------------------ text steps

@@ -15,8 +15,19 @@ import torch
 from modelworks.errors import DataError
 
 
+class JsonFields:
+    """A preprocessor (a dataclass) whose fitted state is its fields: saved whole as preprocessor.json."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def files(self) -> dict[str, str]:
+        """What a checkpoint stores for this preprocessor."""
+        return {"preprocessor.json": self.to_json()}
+
+
 @dataclass
-class Preprocessor:
+class Preprocessor(JsonFields):
     input_shape: list[int]          # shape of one input before flattening, e.g. [28, 28]
     mean: float
     std: float
@@ -56,37 +67,34 @@ class Preprocessor:
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
         return ds.map_batches(self, batch_format="numpy", batch_size=4096)
 
-    # -- persistence -----------------------------------------------------------------------------
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    def files(self) -> dict[str, str]:
-        """What a checkpoint stores for this preprocessor."""
-        return {"preprocessor.json": self.to_json()}
-
     @classmethod
     def from_json(cls, text: str) -> "Preprocessor":
         return cls(**json.loads(text))
 
 
 def from_json(text: str):
-    """An image ``Preprocessor`` or a ``TextPreprocessor`` (``"kind": "text"``), from its ``to_json``."""
+    """An image ``Preprocessor``, a ``TextPreprocessor`` (``"kind": "text"``) or a ``TablePreprocessor``
+    (``"kind": "table"``), from its ``to_json``."""
     data = json.loads(text)
     if data.get("kind") == "text":
         from modelworks.data.text import TextPreprocessor
 
         return TextPreprocessor.from_dict(data)
+    if data.get("kind") == "table":
+        from modelworks.data.table import TablePreprocessor
+
+        return TablePreprocessor.from_dict(data)
     return Preprocessor(**data)
 
 
 def read_dir(directory: Path):
     """The preprocessor a checkpoint directory holds (a text one also reads its ``tokenizer.json``)."""
-    data = json.loads((directory / "preprocessor.json").read_text())
-    if data.get("kind") == "text":
+    text = (directory / "preprocessor.json").read_text()
+    if json.loads(text).get("kind") == "text":
         from modelworks.data.text import TOKENIZER_FILE, TextPreprocessor
 
-        return TextPreprocessor.from_dict(data, (directory / TOKENIZER_FILE).read_text())
-    return Preprocessor(**data)
+        return TextPreprocessor.from_dict(json.loads(text), (directory / TOKENIZER_FILE).read_text())
+    return from_json(text)
 
 
 def _partial_stats(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,5 +1,6 @@
 """Ray Data sources. Each returns streaming datasets with two columns: ``x`` (raw features, one array
-per row) and ``label`` (raw label value), for the train, val and test splits.
+per row) and ``label`` (raw label value), for the train, val and test splits. Tables read column by column
+(``tabular_source``) keep their named feature columns instead of ``x``, with the label renamed ``label``.
 
 Splits are decided row by row from a keyed hash of the row's bytes (seed = ``data.split_seed``), so a
 split is reproducible, needs no global shuffle or collect, and identical rows always land together.
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.csv as pacsv
 import ray
 
-from modelworks.config import DataConfig
+from modelworks.config import SKLEARN_TABLES, DataConfig, is_tabular
 from modelworks.data import idx
 from modelworks.errors import DataError
 
@@ -29,6 +31,7 @@ class Source:
     splits: dict[str, ray.data.Dataset]
     class_names: dict[str, str]  # raw label (as str) -> display name, when the dataset names its classes
     image_shape: list[int] | None
+    roles: dict[str, str] | None = None  # tables: feature column -> numeric/categorical (data/table.py)
 
 
 def data_dir(explicit: str | None = None) -> Path:
@@ -121,8 +124,10 @@ def _to_xy(batch: dict, cfg: DataConfig) -> dict:
 
 def _read_table(path: str, fmt: str) -> ray.data.Dataset:
     fmt = fmt if fmt != "auto" else ("csv" if ".csv" in path.lower() else "parquet")
+    # As pandas reads a CSV: NA, null, NaN (and empty) cells are missing in text columns too, not the string "NA".
+    convert = pacsv.ConvertOptions(strings_can_be_null=True)
     try:
-        return ray.data.read_csv(path) if fmt == "csv" else ray.data.read_parquet(path)
+        return ray.data.read_csv(path, convert_options=convert) if fmt == "csv" else ray.data.read_parquet(path)
     except (FileNotFoundError, OSError) as err:
         raise DataError(f"cannot read table {path}: {err}; check data.path") from None
 
@@ -142,6 +147,69 @@ def table_source(cfg: DataConfig) -> Source:
     return Source(splits, {}, None)
 
 
+# ------------------------------------------------------------------------------ tables, column by column
+def _row_keys(frame) -> list[str]:
+    """Each row's values as one string: what the keyed hash splits tables by (same row, same split)."""
+    return ["\x1f".join(map(repr, row)) for row in frame.itertuples(index=False, name=None)]
+
+
+def _keep_rows(batch, split: str, cfg: DataConfig, carve_test: bool):
+    codes = _text_split_codes(_row_keys(batch), cfg, True, carve_test)
+    return batch[codes == SPLITS.index(split)]
+
+
+def _select(batch, features: list[str], label: str):
+    """The feature columns, and the label renamed `label` (the fixed name every step reads)."""
+    out = batch[features].copy()
+    out["label"] = batch[label]
+    return out
+
+
+def _schema(ds: ray.data.Dataset) -> dict:
+    schema = ds.schema()
+    if schema is None:
+        raise DataError("the table has no rows; check data.path")
+    return dict(zip(schema.names, schema.types))
+
+
+def _sklearn_frame(cfg: DataConfig):
+    """A table shipped inside scikit-learn (no download), with its target column named data.label_column."""
+    import sklearn.datasets
+
+    bunch = getattr(sklearn.datasets, SKLEARN_TABLES[cfg.name])(as_frame=True)
+    frame = bunch.frame.rename(columns={"target": cfg.label_column})
+    names = getattr(bunch, "target_names", None)
+    is_classes = names is not None and len(names) and bunch.target.dtype.kind in "iu"
+    return frame, ({str(i): str(n) for i, n in enumerate(names)} if is_classes else {})
+
+
+def tabular_source(cfg: DataConfig) -> Source:
+    """A table read column by column (CSV/Parquet at data.path, or a scikit-learn table): the feature columns
+    keep their names and types, their roles are inferred (or taken from the config), and the label column
+    is checked here, on the driver, so a wrong name stops at once with one line."""
+    if cfg.source == "sklearn":
+        frame, names = _sklearn_frame(cfg)
+        raw, where = ray.data.from_pandas(frame), f"scikit-learn's {cfg.name} table"
+    else:
+        raw, names, where = _read_table(cfg.path, cfg.format), {}, cfg.path
+    from modelworks.data.table import infer_roles
+
+    roles = infer_roles(_schema(raw), cfg, where)
+    select = {"features": list(roles), "label": cfg.label_column}
+    base = raw.map_batches(_select, batch_format="pandas", fn_kwargs=select)
+    if cfg.max_rows:
+        base = base.limit(cfg.max_rows)
+    carve = cfg.test_path is None
+    splits = {s: base.map_batches(_keep_rows, batch_format="pandas",
+                                  fn_kwargs={"split": s, "cfg": cfg, "carve_test": carve})
+              for s in (SPLITS if carve else ("train", "val"))}
+    if not carve:
+        test = _read_table(cfg.test_path, cfg.format)
+        infer_roles(_schema(test), cfg, cfg.test_path)  # the same columns must be there
+        splits["test"] = test.map_batches(_select, batch_format="pandas", fn_kwargs=select)
+    return Source(splits, names, None, roles)
+
+
 def load_source(cfg: DataConfig, data_dir_override: str | None = None) -> Source:
     if cfg.source == "digits":
         return digits_source(cfg)
@@ -149,7 +217,9 @@ def load_source(cfg: DataConfig, data_dir_override: str | None = None) -> Source
         return idx_source(cfg, data_dir(data_dir_override))
     if cfg.source == "text":
         return text_source(cfg, data_dir(data_dir_override))
-    return table_source(cfg)
+    if is_tabular(cfg):
+        return tabular_source(cfg)
+    return table_source(cfg)  # a table of images (data.image_column): one array per row, as digits/MNIST
 
 
 # ------------------------------------------------------------------------------------------------ text

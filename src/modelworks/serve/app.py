@@ -8,7 +8,9 @@
 * ``@serve.batch`` groups concurrent requests into one forward pass; autoscaling, ``max_queued_requests``
   (503 when full) and the timeouts come from ``ServeConfig``.
 * Image/vector models take numbers (or PNGs); text models take strings, tokenized in the replica by the
-  checkpoint's own tokenizer, one batch at a time (padded to the batch's longest text).
+  checkpoint's own tokenizer, one batch at a time (padded to the batch's longest text); table models take
+  named columns, preprocessed in the replica by the checkpoint's own per-column statistics. A regression
+  model answers with a number (``value``) instead of a label and probabilities.
 """
 
 import asyncio
@@ -30,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelworks.config import ServeConfig
 from modelworks.serve import schemas
-from modelworks.serve.schemas import InputError, InputSpec, TextSpec
+from modelworks.serve.schemas import InputError, InputSpec, TableSpec, TextSpec
 
 log = logging.getLogger("ray.serve")
 DEPLOYMENT = "ModelServer"
@@ -43,7 +45,7 @@ class Served:
     name: str
     version: int
     model: Any            # checkpoint.LoadedModel
-    spec: InputSpec | TextSpec
+    spec: InputSpec | TextSpec | TableSpec
     class_names: tuple[str, ...]
     loaded_at: float
 
@@ -166,21 +168,22 @@ class ModelServer:
 
     # -- batching --------------------------------------------------------------------------------------
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def infer_batch(self, items: list[np.ndarray | list[str]]) -> list[tuple[Served, np.ndarray]]:
+    async def infer_batch(self, items: list[np.ndarray | list[str] | list[dict]]) -> list[tuple[Served, np.ndarray]]:
+        """Class probabilities (N, C) per request, or a regression model's values (N, 1)."""
         served = self.served  # one model for the whole batch, even if a swap lands meanwhile
         sizes = [len(x) for x in items]
-        if isinstance(items[0], list):  # texts: one list, so the tokenizer pads to the batch's longest text
-            x = [text for texts in items for text in texts]
+        if isinstance(items[0], list):  # texts or table rows: one list, preprocessed as one batch
+            x = [row for rows in items for row in rows]
         else:
             x = items[0] if len(items) == 1 else np.concatenate(items)
-        probs = served.model.predict_proba(x).numpy()
+        probs = served.model.predict_outputs(x).numpy()
         out, start = [], 0
         for n in sizes:
             out.append((served, probs[start:start + n]))
             start += n
         return out
 
-    async def _infer(self, x: np.ndarray | list[str]) -> tuple[Served, np.ndarray]:
+    async def _infer(self, x: np.ndarray | list[str] | list[dict]) -> tuple[Served, np.ndarray]:
         try:
             async with asyncio.timeout(self.cfg.request_timeout_s):  # no extra task per request (wait_for makes one)
                 served, probs = await self.infer_batch(x)
@@ -237,11 +240,13 @@ class ModelServer:
             served, probs = await self._infer(x)
         except InputError as err:
             return _error(err)
-        names = served.class_names
-        idx = probs.argmax(axis=1)
-        preds = [{"label": names[int(k)], "label_index": int(k),
-                  "probabilities": dict(zip(names, map(float, row))), "model_version": served.version}
-                 for k, row in zip(idx, probs)]
+        if served.model.task == "regression":
+            preds = [{"value": float(v), "model_version": served.version} for v in probs[:, 0]]
+        else:
+            names = served.class_names
+            preds = [{"label": names[int(k)], "label_index": int(k),
+                      "probabilities": dict(zip(names, map(float, row))), "model_version": served.version}
+                     for k, row in zip(probs.argmax(axis=1), probs)]
         return _json({"model": served.name, "model_version": served.version, "predictions": preds})
 
     @api.get("/healthz")
@@ -279,15 +284,21 @@ class ModelServer:
         return s
 
     def _metadata(self, s: Served) -> dict:
+        params: dict[str, Any] = {"class_names": list(s.class_names)}
         if isinstance(s.spec, TextSpec):
             tensor = {"name": "input", "datatype": "BYTES", "shape": [-1]}
+        elif isinstance(s.spec, TableSpec):
+            tensor = {"name": "input", "datatype": "FP32", "shape": [-1, len(s.spec.names)]}
+            params.update(feature_names=list(s.spec.names), categorical_columns=list(s.spec.categorical))
         else:
             tensor = {"name": "input", "datatype": "FP32", "shape": [-1, *s.spec.input_shape]}
+        if s.model.task == "regression":
+            outputs = [{"name": "value", "datatype": "FP32", "shape": [-1, 1]}]
+        else:
+            outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(s.class_names)]},
+                       {"name": "label", "datatype": "BYTES", "shape": [-1]}]
         return {"name": s.name, "versions": [str(s.version)], "platform": "pytorch_safetensors",
-                "inputs": [tensor],
-                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(s.class_names)]},
-                            {"name": "label", "datatype": "BYTES", "shape": [-1]}],
-                "parameters": {"class_names": list(s.class_names)}}
+                "inputs": [tensor], "outputs": outputs, "parameters": params}
 
     @api.get("/v2/models/{name}")
     async def v2_metadata(self, name: str) -> Response:
@@ -316,16 +327,17 @@ class ModelServer:
             s = self._model(name, version)
             body, raw, binary = await self._body(request, binary_ok=True)
             x, req_id, _ = schemas.parse_v2_infer(body, s.spec, raw, binary)
-            plan = dict(schemas.v2_outputs(body))  # output -> as binary data; answered in the fixed order below
+            names = schemas.v2_output_names(s.spec)
+            plan = dict(schemas.v2_outputs(body, names))  # output -> as binary data; answered in the order below
             s, probs = await self._infer(x)
         except InputError as err:
             return _error(err)
         out = []
-        for name in schemas.V2_OUTPUTS:
+        for name in names:
             if name not in plan:
                 continue
             as_binary = plan[name]
-            if name == "probabilities":
+            if name in ("probabilities", "value"):  # class probabilities (N, C), or regression values (N, 1)
                 out.append((name, "FP32", list(probs.shape), probs, as_binary))
             else:
                 out.append((name, "BYTES", [len(probs)], [s.class_names[int(k)] for k in probs.argmax(axis=1)],

@@ -9,12 +9,16 @@ Everything a client sends is checked here before it can reach the model. A probl
     {"inputs": [X, X, ...]}      a batch of 1..max_inputs inputs
 where X, for a model with input_shape [H, W], is H*W numbers, an H x W nested list, or a base64 PNG string
 (grayscale, exactly W x H pixels, optionally prefixed "data:image/png;base64,"); for a text model X is a
-string (non-empty, at most serve.max_text_chars characters).
+string (non-empty, at most serve.max_text_chars characters); for a table model X is {"column": value, ...}
+with exactly the model's feature columns (null = missing, imputed as in training), or the values in the
+model's column order.
 
 /v2/models/{name}/infer body (Open Inference Protocol, REST):
     {"id": "...", "inputs": [{"name": "input", "shape": [N, H, W] | [N, H*W], "datatype": "FP32",
       "data": [...flat or nested, row-major...]}], "outputs": [{"name": "probabilities"}, {"name": "label"}]}
     a text model takes {"name": "input", "shape": [N] | [N, 1], "datatype": "BYTES", "data": ["text", ...]}
+    a table model with numeric columns only takes shape [N, columns]; a regression model answers with the
+    output "value" (FP32, [N, 1]) instead of probabilities and label
 
 Binary tensor data extension (Triton / KServe): with an ``Inference-Header-Content-Length: L`` header the first L
 bytes of the body are the JSON above and the rest is raw tensor data. An input sent that way carries
@@ -51,6 +55,8 @@ _INT_RANGES = {"INT8": (-128, 127), "INT16": (-(1 << 15), (1 << 15) - 1), "INT32
                "INT64": (-(1 << 63), (1 << 63) - 1), "UINT8": (0, 255), "UINT16": (0, (1 << 16) - 1),
                "UINT32": (0, (1 << 32) - 1), "UINT64": (0, (1 << 64) - 1)}
 V2_OUTPUTS = ("probabilities", "label")
+V2_REGRESSION_OUTPUTS = ("value",)
+TABLE_MAX_ABS = 1e30          # table features are in their own units (prices, counts): only float32 overflow is refused
 V2_HEADER_LENGTH = "Inference-Header-Content-Length"
 # Binary tensor data: little-endian, native size of each datatype.
 V2_NUMPY = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT8": "i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
@@ -102,9 +108,40 @@ class TextSpec:
         return f"a non-empty string of at most {self.max_chars} characters"
 
 
-def spec_for(preprocessor: Any, source: str | None, max_inputs: int, max_text_chars: int) -> InputSpec | TextSpec:
+@dataclass(frozen=True)
+class TableSpec:
+    """What one input of a table model must be: its feature columns by name (or their values in order)."""
+    columns: tuple[tuple[str, str], ...]   # (name, numeric|categorical), in the model's order
+    max_inputs: int
+    regression: bool = False
+
+    @cached_property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.columns)
+
+    @cached_property
+    def categorical(self) -> tuple[str, ...]:
+        return tuple(name for name, role in self.columns if role == "categorical")
+
+    @cached_property
+    def description(self) -> str:
+        shown = ", ".join(f"{n} ({'text' if r == 'categorical' else 'number'})" for n, r in self.columns[:12])
+        more = f", ... ({len(self.columns)} columns)" if len(self.columns) > 12 else ""
+        return (f"an object with the columns {shown}{more} (null = missing), or their {len(self.columns)} values "
+                f"in order")
+
+
+def v2_output_names(spec: Any) -> tuple[str, ...]:
+    return V2_REGRESSION_OUTPUTS if isinstance(spec, TableSpec) and spec.regression else V2_OUTPUTS
+
+
+def spec_for(preprocessor: Any, source: str | None, max_inputs: int,
+             max_text_chars: int) -> InputSpec | TextSpec | TableSpec:
     """The request spec for a loaded model, from its preprocessor (``source``: the data source it was
     trained on, which fixes the pixel scale of PNG inputs)."""
+    if getattr(preprocessor, "kind", None) == "table":
+        return TableSpec(tuple((c["name"], c["role"]) for c in preprocessor.columns), max_inputs,
+                         preprocessor.task == "regression")
     if preprocessor.raw_column == "text":
         return TextSpec(max_inputs, max_text_chars)
     return InputSpec(tuple(int(d) for d in preprocessor.input_shape), max_inputs,
@@ -114,10 +151,11 @@ def spec_for(preprocessor: Any, source: str | None, max_inputs: int, max_text_ch
 # -- pydantic models: documentation (OpenAPI at /docs) and response shapes ------------------------------
 class PredictRequest(BaseModel):
     """Send exactly one of `input` / `inputs`."""
-    input: list[float] | list[list[float]] | str | None = Field(
+    input: list[float] | list[list[float]] | str | dict[str, Any] | None = Field(
         None, description="one input: flat numbers, a nested list matching the model's input shape, or a base64 "
-                          "PNG; for a text model, the text")
-    inputs: list[list[float] | list[list[float]] | str] | None = Field(
+                          "PNG; for a text model, the text; for a table model, {column: value} or the values in "
+                          "column order")
+    inputs: list[list[float] | list[list[float]] | str | dict[str, Any]] | None = Field(
         None, description="a batch of inputs (1..serve.max_inputs)")
 
 
@@ -128,10 +166,16 @@ class Prediction(BaseModel):
     model_version: int
 
 
+class ValuePrediction(BaseModel):
+    """A regression model's answer: a number in the label's units."""
+    value: float
+    model_version: int
+
+
 class PredictResponse(BaseModel):
     model: str
     model_version: int
-    predictions: list[Prediction]
+    predictions: list[Prediction | ValuePrediction]
 
 
 class V2Tensor(BaseModel):
@@ -144,7 +188,7 @@ class V2Tensor(BaseModel):
 
 
 class V2RequestedOutput(BaseModel):
-    name: Literal["probabilities", "label"]
+    name: Literal["probabilities", "label", "value"] = Field(..., description="value: regression models")
     parameters: dict[str, Any] | None = Field(None, description='{"binary_data": true} returns it as binary data')
 
 
@@ -285,7 +329,44 @@ def _predict_body(body: Any) -> tuple[str, Any]:
     return key, body[key]
 
 
-def _check_batch(items: Any, spec: InputSpec | TextSpec) -> None:
+def _table_value(value: Any, field: str, role: str, spec: TableSpec) -> Any:
+    """One cell: a finite number for a numeric column, a string/number/bool for a categorical one; null is a
+    missing value (imputed as in training)."""
+    if value is None:
+        return None
+    if role == "categorical":
+        if isinstance(value, (str, bool, int)) or (isinstance(value, float) and math.isfinite(value)):
+            return value
+        raise InputError(422, field, f"got {type(value).__name__}", "a string, number or null (a category)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(422, field, f"got {type(value).__name__}, not a number", "a number or null")
+    if not math.isfinite(value) or abs(value) > TABLE_MAX_ABS:
+        raise InputError(422, field, f"value {value!r} is not finite or out of range", "a finite number or null")
+    return float(value)
+
+
+def _table_row(value: Any, field: str, spec: TableSpec) -> dict[str, Any]:
+    """One table input -> {column: value}. Every feature column must be there, and no other."""
+    if isinstance(value, dict):
+        unknown = [k for k in value if k not in spec.names]
+        if unknown:
+            raise InputError(422, f"{field}.{unknown[0]}", "is not a column of this model", spec.description)
+        missing = [n for n in spec.names if n not in value]
+        if missing:
+            raise InputError(422, f"{field}.{missing[0]}", "is missing (send null for an unknown value)",
+                             spec.description)
+        items = [(n, value[n]) for n in spec.names]
+    elif isinstance(value, list):
+        if len(value) != len(spec.names):
+            raise InputError(422, field, f"has {len(value)} values for {len(spec.names)} columns", spec.description)
+        items = list(zip(spec.names, value))
+    else:
+        raise InputError(422, field, f"got {type(value).__name__ if value is not None else 'null'}", spec.description)
+    roles = dict(spec.columns)
+    return {n: _table_value(v, f"{field}.{n}", roles[n], spec) for n, v in items}
+
+
+def _check_batch(items: Any, spec: InputSpec | TextSpec | TableSpec) -> None:
     expected = f"a list of 1..{spec.max_inputs} inputs, each {spec.description}"
     if not isinstance(items, list):
         raise InputError(422, "inputs", f"is a {type(items).__name__}, not a list", expected)
@@ -295,10 +376,16 @@ def _check_batch(items: Any, spec: InputSpec | TextSpec) -> None:
         raise InputError(422, "inputs", f"has {len(items)} inputs (limit {spec.max_inputs})", expected)
 
 
-def parse_predict(body: Any, spec: InputSpec | TextSpec, raw: bytes | None = None) -> np.ndarray | list[str]:
-    """A /predict JSON body (``raw``: its text, if at hand) -> float32 (N, D), or N texts for a TextSpec.
-    Raises InputError."""
+def parse_predict(body: Any, spec: InputSpec | TextSpec | TableSpec,
+                  raw: bytes | None = None) -> np.ndarray | list[str] | list[dict]:
+    """A /predict JSON body (``raw``: its text, if at hand) -> float32 (N, D), N texts for a TextSpec, or N
+    {column: value} rows for a TableSpec. Raises InputError."""
     key, items = _predict_body(body)
+    if isinstance(spec, TableSpec):
+        if key == "input":
+            return [_table_row(items, "input", spec)]
+        _check_batch(items, spec)
+        return [_table_row(v, f"inputs[{i}]", spec) for i, v in enumerate(items)]
     if isinstance(spec, TextSpec):
         if key == "input":
             return [_one_text(items, "input", spec)]
@@ -356,26 +443,28 @@ def _bool_param(params: Any, key: str, field: str) -> bool | None:
     return value
 
 
-def v2_outputs(body: dict) -> list[tuple[str, bool]]:
-    """The requested outputs of an infer body, each with whether it goes back as binary data: an output's own
-    ``parameters.binary_data``, else the request's ``parameters.binary_data_output``, else JSON."""
+def v2_outputs(body: dict, names: tuple[str, ...] = V2_OUTPUTS) -> list[tuple[str, bool]]:
+    """The requested outputs of an infer body (``names``: those the model has), each with whether it goes back
+    as binary data: an output's own ``parameters.binary_data``, else the request's
+    ``parameters.binary_data_output``, else JSON."""
     default = bool(_bool_param(body.get("parameters"), "binary_data_output", "parameters"))
     outs = body.get("outputs")
     if outs is None:
-        return [(name, default) for name in V2_OUTPUTS]
+        return [(name, default) for name in names]
     if not isinstance(outs, list) or not all(isinstance(o, dict) for o in outs):
-        raise InputError(422, "outputs", "is not a list of objects", '[{"name": "probabilities"}, {"name": "label"}]')
+        raise InputError(422, "outputs", "is not a list of objects",
+                         "[" + ", ".join(f'{{"name": "{n}"}}' for n in names) + "]")
     plan = []
     for i, o in enumerate(outs):
-        if o.get("name") not in V2_OUTPUTS:
-            raise InputError(422, f"outputs[{i}].name", f"is {o.get('name')!r}", f"one of {', '.join(V2_OUTPUTS)}")
+        if o.get("name") not in names:
+            raise InputError(422, f"outputs[{i}].name", f"is {o.get('name')!r}", f"one of {', '.join(names)}")
         binary = _bool_param(o.get("parameters"), "binary_data", f"outputs[{i}].parameters")
         plan.append((o["name"], default if binary is None else binary))
     return plan
 
 
-def _v2_outputs(body: dict) -> list[str]:
-    return [name for name, _ in v2_outputs(body)]
+def _v2_outputs(body: dict, names: tuple[str, ...] = V2_OUTPUTS) -> list[str]:
+    return [name for name, _ in v2_outputs(body, names)]
 
 
 def _binary_input(t: dict, binary: bytes) -> bytes | None:
@@ -503,10 +592,25 @@ def _parse_v2_text(body: Any, spec: TextSpec, binary: bytes = b"") -> tuple[list
     return texts, req_id, _v2_outputs(body)
 
 
-def parse_v2_infer(body: Any, spec: InputSpec | TextSpec, raw: bytes | None = None,
-                   binary: bytes = b"") -> tuple[np.ndarray | list[str], str | None, list[str]]:
+def _parse_v2_table(body: Any, spec: TableSpec, raw: bytes | None,
+                    binary: bytes) -> tuple[list[dict], str | None, list[str]]:
+    """A table model's v2 input: FP32 [N, columns] in the model's column order, for numeric columns only (a
+    category is text, which an FP32 tensor cannot carry: those models take /predict with named features)."""
+    if spec.categorical:
+        raise InputError(422, "inputs[0]", f"this model has categorical columns ({', '.join(spec.categorical)}), "
+                                           f"which a numeric tensor cannot carry", "POST /predict with named features")
+    x, req_id, outputs = parse_v2_infer(body, InputSpec((len(spec.names),), spec.max_inputs), raw, binary,
+                                        output_names=v2_output_names(spec))
+    return [dict(zip(spec.names, map(float, row))) for row in x], req_id, outputs
+
+
+def parse_v2_infer(body: Any, spec: InputSpec | TextSpec | TableSpec, raw: bytes | None = None,
+                   binary: bytes = b"", output_names: tuple[str, ...] = V2_OUTPUTS,
+                   ) -> tuple[np.ndarray | list[str] | list[dict], str | None, list[str]]:
     """An Open Inference Protocol infer body (``raw``: its JSON text; ``binary``: the binary tensor data after it)
-    -> (float32 (N, D), or N texts for a TextSpec; request id; output names)."""
+    -> (float32 (N, D), N texts for a TextSpec or N rows for a TableSpec; request id; output names)."""
+    if isinstance(spec, TableSpec):
+        return _parse_v2_table(body, spec, raw, binary)
     if isinstance(spec, TextSpec):
         return _parse_v2_text(body, spec, binary)
     dims = list(spec.input_shape)
@@ -538,7 +642,7 @@ def parse_v2_infer(body: Any, spec: InputSpec | TextSpec, raw: bytes | None = No
                              f"{need} bytes ({n * spec.dim} little-endian {dtype} values, row-major)")
         flat = np.frombuffer(raw_bytes, dtype=V2_NUMPY[dtype])
         _check_finite(flat, "inputs[0].data", data_expected)
-        return flat.astype(np.float32).reshape(n, spec.dim), req_id, _v2_outputs(body)
+        return flat.astype(np.float32).reshape(n, spec.dim), req_id, _v2_outputs(body, output_names)
     data = t.get("data")
     arr = _numeric_array(data, "inputs[0].data", data_expected, check_bool=_may_have_bool(raw))
     if arr.size != n * spec.dim:
@@ -557,7 +661,7 @@ def parse_v2_infer(body: Any, spec: InputSpec | TextSpec, raw: bytes | None = No
             raise InputError(422, "inputs[0].data", "has a value outside the FP16 range", data_expected)
     flat = arr.reshape(-1)
     _check_finite(flat, "inputs[0].data", data_expected)
-    return flat.astype(np.float32).reshape(n, spec.dim), req_id, _v2_outputs(body)
+    return flat.astype(np.float32).reshape(n, spec.dim), req_id, _v2_outputs(body, output_names)
 
 
 def check_content_type(value: str | None, header_length: str | None = None, binary_ok: bool = False) -> int | None:
