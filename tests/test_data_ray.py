@@ -98,6 +98,27 @@ def test_idx_source_from_generated_files(ray_local, tmp_path):
     assert got == sorted(img.tobytes() for img in images)
 
 
+def test_in_memory_and_streaming_idx_give_the_same_splits_and_preprocessor(ray_local, tmp_path, monkeypatch):
+    """Small image data is read on the driver (no Ray Data pass to split, fit or score it); it must be the very
+    same rows per split, and the same fitted preprocessor, as the streaming path larger data takes."""
+    make_split(tmp_path / "mnist", n_images=600, n_labels=600)
+    make_split(tmp_path / "mnist", n_images=50, n_labels=50, split="test")
+    cfg = DataConfig(source="idx", name="mnist", val_fraction=0.2, download=False)
+    in_memory = sources.idx_source(cfg, tmp_path)
+    monkeypatch.setattr(sources, "IN_MEMORY_MAX_BYTES", 0)
+    streaming = sources.idx_source(cfg, tmp_path)
+    assert in_memory.arrays is not None and streaming.arrays is None
+    for split in sources.SPLITS:
+        ours = sorted(zip((x.tobytes() for x in in_memory.arrays[split]["x"]), in_memory.arrays[split]["label"]))
+        theirs = sorted((r["x"].tobytes(), r["label"]) for r in streaming.splits[split].take_all())
+        same_ds = sorted((r["x"].tobytes(), r["label"]) for r in in_memory.splits[split].take_all())
+        assert ours == theirs == same_ds and len(ours) > 0
+    fitted = preprocess.fit_arrays(in_memory.arrays["train"]["x"], in_memory.arrays["train"]["label"], {})
+    streamed = preprocess.fit(streaming.splits["train"], {}, None)
+    assert fitted.mean == pytest.approx(streamed.mean, rel=1e-9) and fitted.std == pytest.approx(streamed.std, rel=1e-9)
+    assert fitted.classes == streamed.classes and fitted.input_shape == streamed.input_shape == [28, 28]
+
+
 def test_real_mnist_source_counts(ray_local, mnist_dir):
     cfg = DataConfig(source="idx", name="mnist", val_fraction=0.1, download=False)
     src = sources.idx_source(cfg, mnist_dir.parent)

@@ -35,6 +35,12 @@ def test_digits_end_to_end_registers_an_evaluated_model(ray_local, modelworks_ho
     assert result.model == "digits@1" and result.production
     for name in ("report.md", "confusion_matrix.png", "loss_curve.png", "accuracy_curve.png", "test_metrics.json"):
         assert (run_dir / "evaluation" / name).stat().st_size > 0
+    # report.html stands alone: the three plots inlined, no file it would need beside it.
+    page = (run_dir / "evaluation" / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 3 and ".png\"" not in page and "<table>" in page
+    # The summary carries each step's seconds, in order (also in runs/<run>/run_summary.json).
+    assert list(result.step_seconds) == ["ray start", "ingest", "preprocess", "train", "evaluate", "register"]
+    assert json.loads((run_dir / "run_summary.json").read_text())["step_seconds"] == result.step_seconds
     # The best checkpoint is picked by validation accuracy, never test.
     metrics = [json.loads((p / "metrics.json").read_text()) for p in run_dir.glob("checkpoint_epoch=*")]
     assert json.loads((Path(result.checkpoint) / "metrics.json").read_text())["val_accuracy"] == max(

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import threading
+import traceback
 
 from modelworks.errors import UserError
 
@@ -47,26 +48,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.data_dir:
         os.environ["MODELWORKS_DATA_DIR"] = args.data_dir  # read by Ray tasks too
 
+    from modelworks.console import Console, terminal_copy
     from modelworks.workflow import result_json, run_workflow
 
-    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
-    result = run_workflow(cfg, run_name=args.name, data_dir=args.data_dir, log=log)
+    # The console and the JSON line keep their own copies of the terminal: without --verbose, the process's
+    # stdout/stderr (Ray's output) go to runs/<run>/logs/ray.log once the run directory is known.
+    out, err = terminal_copy(1), terminal_copy(2)
+    console = Console(err if args.json else out, capture_to_run_logs=not args.verbose)
+    if not args.verbose:
+        os.environ.setdefault("MODELWORKS_PROGRESS", "0")  # Ray Data's progress bars: not in a log file
+    try:
+        result = run_workflow(cfg, run_name=args.name, data_dir=args.data_dir, log=console)
+    except Exception as exc:  # noqa: BLE001 - one line on the terminal, the traceback in the run's log
+        if console.log_path is None:
+            raise
+        found = _find_user_error(exc)
+        if found is None:
+            traceback.print_exc()  # into the log: stderr points there now
+            first = (str(exc).strip().splitlines() or [""])[0]
+            print(f"error: {type(exc).__name__}: {first}\nfull log: {console.log_path}", file=err, flush=True)
+            return 1
+        print(f"error: {found} (log: {console.log_path})", file=err, flush=True)
+        return 2
     if args.json:
-        print(result_json(result), flush=True)
+        print(result_json(result), file=out, flush=True)
     else:
-        print(f"model:  {result.model or '(not registered)'}{'  [production]' if result.production else ''}")
-        if result.task == "regression":
-            print(f"test R²: {result.test_r2:.4f}  MAE: {result.test_mae:.4g}  RMSE: {result.test_rmse:.4g}")
-        else:
-            print(f"test accuracy: {result.test_accuracy:.4f}")
-        print(f"report: {result.report}")
-        print(f"run:    {result.run_dir}")
+        score = (f"R² {result.test_r2:.4f}  MAE {result.test_mae:.4g}  RMSE {result.test_rmse:.4g}"
+                 if result.task == "regression" else f"accuracy {result.test_accuracy:.4f}")
+        console.summary([
+            ("model", f"{result.model or '(not registered)'}{'  [production]' if result.production else ''}"),
+            ("test", score),
+            ("report", result.report),
+            ("run", f"{result.run_dir}  ({result.seconds:.1f} s: {console.step_times()})"),
+        ])
     if args.serve:
-        serve_result(cfg, result, args)
+        serve_result(cfg, result, args, out, err)
     return 0
 
 
-def serve_result(cfg, result, args: argparse.Namespace) -> None:
+def serve_result(cfg, result, args: argparse.Namespace, out=None, err=None) -> None:
     """The workflow's last step with --serve: deploy the version this run registered (the workflow's
     `serve` section configures it) and serve until Ctrl-C / SIGTERM, like `modelworks serve`."""
     if not result.model:
@@ -78,8 +98,8 @@ def serve_result(cfg, result, args: argparse.Namespace) -> None:
     stop = threading.Event()
     info = deploy_workflow_model(cfg, result.model, host=args.host, port=args.port,
                                  on_connected=lambda: catch_sigterm(stop))
-    announce(info, cfg.serve)
-    serve_until_stopped(info["app"], stop)
+    announce(info, cfg.serve, file=out)
+    serve_until_stopped(info["app"], stop, file=err)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -127,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, help="training workers (train.workers)")
     run.add_argument("--gpu", action="store_true", help="train on GPUs (train.use_gpu)")
     run.add_argument("--json", action="store_true", help="last stdout line is a JSON summary")
+    run.add_argument("--verbose", action="store_true",
+                     help="show Ray's own output live (default: it goes to runs/<run>/logs/ray.log)")
     run.add_argument("--serve", action="store_true",
                      help="then serve the registered version (Ray Serve, the workflow's serve section) until Ctrl-C")
     run.add_argument("--host", default="127.0.0.1", help="with --serve: address to bind (default 127.0.0.1)")

@@ -18,14 +18,19 @@ from modelworks import checkpoint  # noqa: E402
 from modelworks.train import list_checkpoints  # noqa: E402
 
 
-def predict_split(loaded: checkpoint.LoadedModel, raw_test: ray.data.Dataset, batch_size: int = 1024,
+def predict_split(loaded: checkpoint.LoadedModel, raw_test: ray.data.Dataset | dict, batch_size: int = 1024,
                   keep_inputs: bool = False, missing: dict | None = None):
     """Stream a raw split through the checkpoint's own preprocessor and model: (y, outputs[, inputs]), where
     outputs are class probabilities (N, C), or for regression predictions (N, 1) in the label's units. A table
     model counts the missing values it imputes per column into ``missing`` when given."""
     ys, probs, inputs = [], [], []
     column = loaded.preprocessor.raw_column
-    for batch in raw_test.iter_batches(batch_size=batch_size, batch_format="numpy"):
+    if isinstance(raw_test, dict):  # arrays on the driver already (sources.IN_MEMORY_MAX_BYTES)
+        n = len(raw_test["label"])
+        batches = ({k: v[i:i + batch_size] for k, v in raw_test.items()} for i in range(0, n, batch_size))
+    else:
+        batches = raw_test.iter_batches(batch_size=batch_size, batch_format="numpy")
+    for batch in batches:
         x = batch[column] if column else batch  # a table model reads its named columns
         ys.append(loaded.preprocessor.encode_labels(batch["label"]))
         probs.append(loaded.predict_outputs(x).numpy())
@@ -211,10 +216,38 @@ def write_report(out: Path, run_name: str, ckpt: Path, metrics: dict, history: l
             lines += _wrong_table(f"{split} split", rows)
     path = out / "report.md"
     path.write_text("\n".join(lines))
+    write_html(out / "report.html", "\n".join(lines), out, title=f"{config['name']}: {run_name}")
     return path
 
 
-def evaluate_checkpoint(ckpt: Path, raw_test: ray.data.Dataset, out: Path, run_name: str,
+_HTML_STYLE = ("body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em;color:#222}"
+               "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em}"
+               "img{max-width:32%;min-width:20em;vertical-align:top}code{background:#f4f4f4}")
+
+
+def write_html(path: Path, markdown: str, images_dir: Path, title: str) -> None:
+    """report.md as one self-contained HTML file: the plots are inlined (base64), so it can be mailed or
+    attached to a ticket as it is."""
+    import base64
+    import html
+    import re
+
+    from markdown_it import MarkdownIt  # rich's own Markdown parser
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+
+    def inline(match: re.Match) -> str:
+        image = images_dir / html.unescape(match.group(1))
+        if not image.is_file():
+            return match.group(0)
+        return f'src="data:image/png;base64,{base64.b64encode(image.read_bytes()).decode()}"'
+
+    body = re.sub(r'src="([^":]+\.png)"', inline, body)
+    path.write_text(f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+                    f"<style>{_HTML_STYLE}</style></head><body>{body}</body></html>\n")
+
+
+def evaluate_checkpoint(ckpt: Path, raw_test: ray.data.Dataset | dict, out: Path, run_name: str,
                         val_split: ray.data.Dataset | None = None) -> dict:
     """Everything the evaluate step leaves in ``out``; returns the test metrics. Text models also list
     their most confidently wrong sentences of the test split (and of ``val_split`` when given)."""

@@ -24,11 +24,13 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from modelworks import checkpoint
+from modelworks.console import Console, epoch_line
 from modelworks.config import WorkflowConfig
 from modelworks.data import preprocess
 from modelworks.data.preprocess import Preprocessor
 from modelworks.errors import UserError
 from modelworks.models import build_model
+from modelworks.progress import FollowProgress, WorkerProgress
 
 CKPT_RE = re.compile(r"^checkpoint_epoch=(\d+)$")
 # Logical CPUs kept free for Ray Data's read/map tasks (each asks for 1 CPU): without them, training
@@ -86,6 +88,10 @@ def _collect(shard, device, dtypes: dict) -> tuple[torch.Tensor, torch.Tensor]:
     if not xs:
         return torch.empty(0), torch.empty(0, dtype=torch.int64)
     return torch.cat(xs).to(device), torch.cat(ys).to(device)
+
+
+def _take_rows(arrays: dict, rank: int, world: int, device, dtypes: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(torch.as_tensor(arrays[k][rank::world], dtype=dtypes[k]).to(device) for k in ("x", "y"))
 
 
 @torch.no_grad()
@@ -148,15 +154,22 @@ def train_loop(loop_cfg: dict) -> None:
     regression = cfg.model.task == "regression"
     loss_fn = make_loss(cfg)
     local_bs = max(1, cfg.train.batch_size // world)  # the configured batch is global, as in the seed
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
     dtypes = {"x": torch.float32, "y": torch.float32 if regression else torch.int64}
 
     cached = None
-    if cfg.data.cache_on_worker:
-        cached = _collect(train_shard, device, dtypes), _collect(val_shard, device, dtypes)
+    if "arrays" in loop_cfg:  # small data, already in the object store: this rank's every world-th row
+        cached = tuple(_take_rows(ray.get(loop_cfg["arrays"][s]), rank, world, device, dtypes)  # Ray
+                       for s in ("train", "val"))
+    else:
+        train_shard = ray.train.get_dataset_shard("train")
+        val_shard = ray.train.get_dataset_shard("val")
+        if cfg.data.cache_on_worker:
+            cached = _collect(train_shard, device, dtypes), _collect(val_shard, device, dtypes)
+    if cached:
         # Every rank must take the same number of steps, or DDP's all-reduce waits forever.
         steps = int(all_reduce([len(cached[0][0]) // local_bs], dist.ReduceOp.MIN if world > 1 else None)[0])
+    progress = WorkerProgress(loop_cfg.get("progress"), rank, "train")
+    progress.start(cfg.train.epochs, start_epoch, steps if cached else None)
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         for group in optimizer.param_groups:
@@ -172,13 +185,14 @@ def train_loop(loop_cfg: dict) -> None:
         else:
             batches = ((b["x"], b["y"]) for b in train_shard.iter_torch_batches(
                 batch_size=local_bs, drop_last=True, dtypes=dtypes, device=device))
-        for xb, yb in batches:
+        for i, (xb, yb) in enumerate(batches, start=1):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(forward(model, xb, regression), yb)
             loss.backward()
             optimizer.step()
             loss_sum += loss.item() * len(yb)
             seen += len(yb)
+            progress.batch(epoch, i, seen * world / (time.perf_counter() - t0), loss_sum / seen)
         train_time = time.perf_counter() - t0
         if cached:
             xv, yv = cached[1]
@@ -196,12 +210,9 @@ def train_loop(loop_cfg: dict) -> None:
             "lr": lr_at(cfg, epoch),
         }
         history.append(metrics)
-        if rank == 0:
-            score = (f"val_r2={metrics['val_r2']:.4f}  val_mae={metrics['val_mae']:.4g}" if regression
-                     else f"val_acc={metrics['val_accuracy']:.4f}")
-            print(f"[modelworks] epoch {epoch}/{cfg.train.epochs}  train_loss={metrics['train_loss']:.4f}  "
-                  f"val_loss={metrics['val_loss']:.4f}  {score}  "
-                  f"{metrics['samples_per_s']:.0f} samples/s", flush=True)
+        progress.epoch(metrics)
+        if rank == 0:  # the worker's log (runs/<run>/logs with the CLI); the console prints its own copy
+            print(f"[modelworks] {epoch_line('', metrics, cfg.train.epochs, 'samples').strip()}", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -282,27 +293,38 @@ def best_checkpoint(run_dir: Path, metric: str = "val_accuracy") -> Path:
 def fit(cfg: WorkflowConfig, datasets: dict[str, ray.data.Dataset], pre: Preprocessor, runs_root: Path,
         run_name: str, log=print) -> Path:
     """Train (or resume) the run; returns the run directory holding its checkpoints."""
+    console = Console.from_log(log)
     run_dir = runs_root / run_name
     last = resume_epoch(run_dir)
     if last:
         if last >= cfg.train.epochs:
-            log(f"run {run_name}: all {cfg.train.epochs} epochs already done; skipping training")
+            console(f"      all {cfg.train.epochs} epochs of run {run_name} already done; skipping training")
             return run_dir
-        log(f"resuming run {run_name} from checkpoint_epoch={last} (epochs 1-{last} are done)")
-    run_trainer(train_loop, {"config": cfg.model_dump(mode="json"), "preprocessor": pre.to_json()}, datasets,
-                cfg, runs_root, run_name)
+        console(f"      resuming run {run_name} from checkpoint_epoch={last} (epochs 1-{last} are done)")
+    with console.training("", cfg.train.max_failures + 1) as on_event, FollowProgress(on_event) as board:
+        run_trainer(train_loop, {"config": cfg.model_dump(mode="json"), "preprocessor": pre.to_json()}, datasets,
+                    cfg, runs_root, run_name, progress=board)
     return run_dir
 
 
-def run_trainer(loop, loop_config: dict, datasets: dict[str, ray.data.Dataset], cfg: WorkflowConfig,
-                storage: Path, name: str) -> None:
+def run_trainer(loop, loop_config: dict, datasets: dict, cfg: WorkflowConfig, storage: Path, name: str,
+                progress=None) -> None:
     """One TorchTrainer run of ``loop`` on train/val, with the CPU plan's threads, checkpoints kept, and
-    the workflow's failure policy; rerunning the same storage/name resumes it."""
+    the workflow's failure policy; rerunning the same storage/name resumes it. ``datasets``: Ray Datasets,
+    or for data that fits in memory ``{"x", "y"}`` arrays per split, which the workers read from the object
+    store (no Ray Data pipeline: its coordinator actors cost seconds to start). ``progress``: a
+    ``progress.ProgressBoard`` rank 0 reports to."""
     plan = plan_cpus(cfg.train.workers, cfg.train.use_gpu)
+    loop_config = {**loop_config, "threads": plan.threads, "progress": progress}
+    if isinstance(datasets["train"], dict):  # arrays that fit in memory: the object store, not a Ray Data pipeline
+        loop_config["arrays"] = {s: ray.put(datasets[s]) for s in ("train", "val")}  # Ray
+        datasets = None
+    else:
+        datasets = {"train": datasets["train"], "val": datasets["val"]}
     TorchTrainer(
         loop,
-        train_loop_config={**loop_config, "threads": plan.threads},
-        datasets={"train": datasets["train"], "val": datasets["val"]},
+        train_loop_config=loop_config,
+        datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker}),
         run_config=RunConfig(

@@ -24,9 +24,11 @@ import torch.distributed as dist
 
 from modelworks import checkpoint, text_steps
 from modelworks.config import WorkflowConfig
+from modelworks.console import Console, epoch_line
 from modelworks.data import preprocess
 from modelworks.data.text import TextPreprocessor, length_bucketed_batches, mask_tokens, trim
 from modelworks.models import build_model
+from modelworks.progress import FollowProgress, WorkerProgress
 from modelworks.train import all_reduce, resume_epoch, run_trainer
 
 TASKS = ("mlm", "classify")
@@ -132,6 +134,8 @@ def text_train_loop(loop_cfg: dict) -> None:
     model = ray.train.torch.prepare_model(model)  # Ray: DDP (gloo on CPU, nccl on GPU) when world > 1
 
     mask_prob = cfg.pretrain.mask_prob
+    progress = WorkerProgress(loop_cfg.get("progress"), rank, task)
+    progress.start(hp.epochs, start_epoch, steps, unit="tokens")
     for epoch in range(start_epoch, hp.epochs + 1):
         gen = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch * 1009 + rank)
         batches = length_bucketed_batches(train_rows["length"], local_bs, gen)[: steps * accum]
@@ -145,6 +149,7 @@ def text_train_loop(loop_cfg: dict) -> None:
             loss_sum += out["loss"] * out["targets"]
             targets += out["targets"]
             tokens += out["tokens"]
+            progress.batch(epoch, i // accum + 1, tokens * world / (time.perf_counter() - t0), loss_sum / max(targets, 1))
         train_time = time.perf_counter() - t0
         val = evaluate_rows(model, val_rows, task, pre.vocab_size, mask_prob, device)
         loss_sum, targets, tokens, v_loss, v_correct, v_count = all_reduce(
@@ -161,10 +166,9 @@ def text_train_loop(loop_cfg: dict) -> None:
             "lr": optimizer.param_groups[0]["lr"],
         }
         history.append(metrics)
-        if rank == 0:
-            print(f"[modelworks] {task} epoch {epoch}/{hp.epochs}  train_loss={metrics['train_loss']:.4f}  "
-                  f"val_loss={metrics['val_loss']:.4f}  val_acc={metrics['val_accuracy']:.4f}  "
-                  f"{metrics['tokens_per_s']:.0f} tokens/s", flush=True)
+        progress.epoch(metrics)
+        if rank == 0:  # the worker's log (runs/<run>/logs with the CLI); the console prints its own copy
+            print(f"[modelworks] {epoch_line(task, metrics, hp.epochs, 'tokens').strip()}", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -186,13 +190,16 @@ def fit_text(cfg: WorkflowConfig, task: str, datasets: dict[str, ray.data.Datase
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     hp = cfg.pretrain if task == "mlm" else cfg.train
     step = "pretrain" if task == "mlm" else "train"
+    console = Console.from_log(log)
     run_dir = storage / name
     last = resume_epoch(run_dir)
     if last:
         if last >= hp.epochs:
-            log(f"      {step}: all {hp.epochs} epochs already done; skipping")
+            console(f"      {step}: all {hp.epochs} epochs already done; skipping")
             return run_dir
-        log(f"      resuming {step} from checkpoint_epoch={last} (epochs 1-{last} are done)")
-    run_trainer(text_train_loop, {"config": cfg.model_dump(mode="json"), "task": task, "preprocessor": pre.to_json(),
-                                  "spec": spec, "init_encoder": init_encoder}, datasets, cfg, storage, name)
+        console(f"      resuming {step} from checkpoint_epoch={last} (epochs 1-{last} are done)")
+    with console.training(task, cfg.train.max_failures + 1) as on_event, FollowProgress(on_event) as board:
+        run_trainer(text_train_loop, {"config": cfg.model_dump(mode="json"), "task": task,
+                                      "preprocessor": pre.to_json(), "spec": spec, "init_encoder": init_encoder},
+                    datasets, cfg, storage, name, progress=board)
     return run_dir

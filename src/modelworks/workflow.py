@@ -16,16 +16,17 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import ray
 
-from modelworks import checkpoint
+from modelworks import checkpoint, ray_private
 from modelworks import registry as registry_mod
 from modelworks import train
 from modelworks.config import WorkflowConfig
+from modelworks.console import Console
 from modelworks.data import preprocess, sources
 from modelworks.data import text as text_data
 from modelworks.errors import UserError
@@ -49,25 +50,40 @@ class RunResult:
     test_r2: float | None = None
     test_mae: float | None = None
     test_rmse: float | None = None
+    step_seconds: dict = field(default_factory=dict)  # wall time of each step, in order
+    trainer_startup_s: dict = field(default_factory=dict)  # per training step: Ray Train start to first step
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster given by RAY_ADDRESS (ray job submit sets it), else start a private local one.
+def ensure_ray(num_cpus: int | None = None) -> str:
+    """Connect to Ray; returns how, for the console. In order: the cluster RAY_ADDRESS names (``ray job
+    submit`` sets it); a cluster already running on this machine (``ray start --head``: a run then starts in
+    about a second, not ~5); else a private local one (MODELWORKS_JOIN_RAY=0 always starts a private one).
 
     address="local" never joins a stale cluster left in /tmp/ray by a killed process (see ray-notes.md).
     """
     if ray.is_initialized():
-        return
+        return "Ray (connected before)"
     # Train V2's controller picks up each epoch's report on its poll; the 2 s default adds ~2 s per epoch.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if not os.environ.get("RAY_ADDRESS"):  # one machine: no spot node to be preempted; one process less to start
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    running = None if os.environ.get("RAY_ADDRESS") or os.environ.get("MODELWORKS_JOIN_RAY") == "0" \
+        else ray_private.running_cluster_address()
     # A workflow that deploys its model (`run --serve`) gets Serve's fast ingress (see modelworks/serve).
-    apply_serve_env(local=not os.environ.get("RAY_ADDRESS"))
+    apply_serve_env(local=not (os.environ.get("RAY_ADDRESS") or running))
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
+        how = f"Ray at {os.environ['RAY_ADDRESS']}"
+    elif running:  # Train V2 hands RAY_TRAIN_* variables set here on to its controller and workers
+        # "auto" reads the same file; an explicit host:port of a local `ray start` is refused on 2.60.
+        ray.init(address="auto", logging_level=logging.WARNING)
+        how = f"Ray running on this machine ({running})"
     else:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  logging_level=logging.WARNING)
+        how = "Ray local (started for this run)"
     ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("MODELWORKS_PROGRESS", "1") == "1"
+    return how
 
 
 def runs_root() -> Path:
@@ -142,70 +158,102 @@ def fit_preprocessor(cfg: WorkflowConfig, src: sources.Source, log=print):
         from modelworks.data import table
 
         log(f"      columns: {', '.join(f'{c} ({r})' for c, r in src.roles.items())}")
-        pre = table.fit(src.splits["train"], src.roles, cfg.model.task, src.class_names, cfg.data)
+        return table.fit(src.splits["train"], src.roles, cfg.model.task, src.class_names, cfg.data)
+    if src.arrays is not None:  # read on the driver already: no Ray Data pass for a mean and a std
+        return preprocess.fit_arrays(src.arrays["train"]["x"], src.arrays["train"]["label"], src.class_names)
+    return preprocess.fit(src.splits["train"], src.class_names, src.image_shape)
+
+
+def describe_preprocessor(cfg: WorkflowConfig, pre) -> str:
+    """One line on what the preprocess step fitted."""
+    if hasattr(pre, "columns"):  # a table
         imputed = {c["name"]: c["missing"] for c in pre.columns if c["missing"]}
-        log(f"      {pre.rows} training rows, {pre.input_dim} model inputs, "
-            + (f"{pre.num_classes} classes" if cfg.model.task == "classification" else
-               f"label '{cfg.data.label_column}' mean={pre.target_center:.4g} std={pre.target_scale:.4g}")
-            + (f"; imputed {', '.join(f'{c}: {n}' for c, n in imputed.items())}" if imputed else "; nothing missing"))
-        return pre
-    pre = preprocess.fit(src.splits["train"], src.class_names, src.image_shape)
-    log(f"      input {pre.input_shape}, {pre.num_classes} classes, mean={pre.mean:.4f} std={pre.std:.4f}")
-    return pre
+        return (f"{pre.rows} training rows, {pre.input_dim} model inputs, "
+                + (f"{pre.num_classes} classes" if cfg.model.task == "classification" else
+                   f"label '{cfg.data.label_column}' mean={pre.target_center:.4g} std={pre.target_scale:.4g}")
+                + (f"; imputed {', '.join(f'{c}: {n}' for c, n in imputed.items())}" if imputed else "; nothing missing"))
+    return f"input {pre.input_shape}, {pre.num_classes} classes, mean={pre.mean:.4f} std={pre.std:.4f}"
+
+
+def describe_ray(how: str) -> str:
+    resources = ray.cluster_resources()
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    gpus = f", {resources['GPU']:g} GPUs" if resources.get("GPU") else ""
+    return f"{how}: {nodes} node(s), {resources.get('CPU', 0):g} CPUs{gpus}"
 
 
 def run_workflow(cfg: WorkflowConfig, *, run_name: str | None = None, data_dir: str | None = None,
-                 log: Callable[[str], None] = print) -> RunResult:
+                 log: Console | Callable[[str], None] = print) -> RunResult:
+    console = Console.from_log(log)
     if cfg.search.enabled:  # hyperparameter search first; the best trial is what gets evaluated/registered
         from modelworks import tune
 
-        return tune.run_workflow_search(cfg, run_name=run_name, data_dir=data_dir, log=log)
+        return tune.run_workflow_search(cfg, run_name=run_name, data_dir=data_dir, log=console)
     t0 = time.time()
-    ensure_ray()
     run_name = run_name or default_run_name(cfg)
     run_dir = runs_root() / run_name
     _claim_run_dir(run_dir, cfg)
+    console.attach_run(run_dir)  # with the CLI: Ray's output goes to run_dir/logs from here on
+    with console.timed("ray start"):
+        how = ensure_ray()
     steps = ["ingest", "preprocess", *cfg.steps]
     if "pretrain" in steps and not cfg.pretrain.enabled:
         steps.remove("pretrain")
     number = {name: f"[{i}/{len(steps)}]" for i, name in enumerate(steps, start=1)}
+    registers = f"registers as '{model_name(cfg)}'" if "register" in steps and cfg.registry.enabled else "registers nothing"
+    console.header(f"{cfg.name} ({registers})", run_name, describe_ray(how), cfg.train.workers)
 
-    log(f"{number['ingest']} ingest: {cfg.data.source} '{cfg.data.name}'"
-        + (f" ({cfg.data.path})" if cfg.data.path else "")
-        + (f"; registers as '{model_name(cfg)}'" if "register" in steps and cfg.registry.enabled else ""))
-    src = sources.load_source(cfg.data, data_dir)
+    with console.step(number["ingest"], "ingest") as step:
+        src = sources.load_source(cfg.data, data_dir)
+        step["result"] = f"{cfg.data.source} '{cfg.data.name}'" + (f" ({cfg.data.path})" if cfg.data.path else "")
     if cfg.model.name == "transformer":
-        best = _text_steps(cfg, src, run_dir, number, log)
+        best = _text_steps(cfg, src, run_dir, number, console)
     else:
-        log(f"{number['preprocess']} preprocess: fitting on the training split")
-        pre = fit_preprocessor(cfg, src, log)
-        datasets = {s: pre.apply(src.splits[s]) for s in ("train", "val")}
-        log(f"{number['train']} train: {cfg.train.workers} worker(s), {cfg.train.epochs} epochs, run '{run_name}'")
-        train.fit(cfg, datasets, pre, runs_root(), run_name, log=log)
-        best = train.best_checkpoint(run_dir, cfg.evaluate.metric)
-    best_metrics = json.loads((best / "metrics.json").read_text())
-    log(f"      best: {best.name} ({cfg.evaluate.metric} {best_metrics[cfg.evaluate.metric]:.4f})")
+        with console.step(number["preprocess"], "preprocess") as step:
+            pre = fit_preprocessor(cfg, src, console)
+            if src.arrays is not None:  # on the driver already: the same transform, for the object store
+                datasets = {s: pre(src.arrays[s]) for s in ("train", "val")}
+            else:
+                datasets = {s: pre.apply(src.splits[s]) for s in ("train", "val")}
+            step["result"] = describe_preprocessor(cfg, pre)
+        with console.step(number["train"], "train", f"{cfg.train.workers} worker(s), {cfg.train.epochs} epochs",
+                          announce=True) as step:
+            train.fit(cfg, datasets, pre, runs_root(), run_name, log=console)
+            best = train.best_checkpoint(run_dir, cfg.evaluate.metric)
+            step["result"] = _best_line(best, cfg)
 
     regression = cfg.model.task == "regression"
     metrics, eval_dir = {}, run_dir / "evaluation"
     if "evaluate" in steps:
-        log(f"{number['evaluate']} evaluate: {best.name} on the test split")
-        metrics = evaluate_checkpoint(best, src.splits["test"], eval_dir, run_name,
-                                      val_split=src.splits["val"] if cfg.model.name == "transformer" else None)
-        score = (f"test R² {metrics['test_r2']:.4f}, MAE {metrics['test_mae']:.4g}, RMSE {metrics['test_rmse']:.4g}"
-                 if regression else f"test accuracy {metrics['test_accuracy']:.4f}")
-        log(f"      {score} ({metrics['test_samples']} samples)")
+        with console.step(number["evaluate"], "evaluate") as step:
+            test = src.arrays["test"] if src.arrays is not None else src.splits["test"]
+            metrics = evaluate_checkpoint(best, test, eval_dir, run_name,
+                                          val_split=src.splits["val"] if cfg.model.name == "transformer" else None)
+            score = (f"test R² {metrics['test_r2']:.4f}, MAE {metrics['test_mae']:.4g}, RMSE {metrics['test_rmse']:.4g}"
+                     if regression else f"test accuracy {metrics['test_accuracy']:.4f}")
+            step["result"] = f"{score} ({metrics['test_samples']} samples), {best.name}"
 
     model_ref, production = "", False
     if "register" in steps and cfg.registry.enabled:
-        name, version, production = register_result(cfg, run_name, best, eval_dir, metrics)
-        model_ref = f"{name}@{version}"
-        log(f"{number['register']} register: {model_ref}" + (" (production)" if production else ""))
-    return RunResult(run_name, str(run_dir), str(best), best_metrics.get("val_accuracy"),
-                     metrics.get("test_accuracy", None if regression else float("nan")), model_ref,
-                     str(eval_dir / "report.md"), production, round(time.time() - t0, 1), cfg.model.task,
-                     best_metrics.get("val_r2"), metrics.get("test_r2"), metrics.get("test_mae"),
-                     metrics.get("test_rmse"))
+        with console.step(number["register"], "register") as step:
+            name, version, production = register_result(cfg, run_name, best, eval_dir, metrics)
+            model_ref = f"{name}@{version}"
+            step["result"] = model_ref + (" (production)" if production else
+                                          f" (production unchanged: did not pass the {cfg.registry.gate_metric} gate)")
+    best_metrics = json.loads((best / "metrics.json").read_text())
+    result = RunResult(run_name, str(run_dir), str(best), best_metrics.get("val_accuracy"),
+                       metrics.get("test_accuracy", None if regression else float("nan")), model_ref,
+                       str(eval_dir / "report.md"), production, round(time.time() - t0, 1), cfg.model.task,
+                       best_metrics.get("val_r2"), metrics.get("test_r2"), metrics.get("test_mae"),
+                       metrics.get("test_rmse"), step_seconds={k: round(v, 2) for k, v in console.step_seconds.items()},
+                       trainer_startup_s=console.trainer_startup_s)
+    (run_dir / "run_summary.json").write_text(result_json(result, indent=2))
+    return result
+
+
+def _best_line(best: Path, cfg: WorkflowConfig) -> str:
+    metric = cfg.evaluate.metric
+    return f"best {best.name} ({metric} {json.loads((best / 'metrics.json').read_text())[metric]:.4f})"
 
 
 # ------------------------------------------------------------------------------------------ text steps
@@ -246,7 +294,7 @@ def _text_preprocessor(cfg: WorkflowConfig, src: sources.Source, corpus: ray.dat
     return pre
 
 
-def _text_steps(cfg: WorkflowConfig, src: sources.Source, run_dir: Path, number: dict, log) -> Path:
+def _text_steps(cfg: WorkflowConfig, src: sources.Source, run_dir: Path, number: dict, console: Console) -> Path:
     """preprocess -> [pretrain] -> train for a Transformer; returns the best fine-tuned checkpoint."""
     from modelworks import train_text  # Ray Train for text; image runs never import it
 
@@ -259,32 +307,31 @@ def _text_steps(cfg: WorkflowConfig, src: sources.Source, run_dir: Path, number:
         if encoder.spec.get("name") != "transformer":
             raise UserError(f"train.init_from={cfg.train.init_from} is a {encoder.spec.get('name')} model, "
                             f"not a Transformer encoder")
-    log(f"{number['preprocess']} preprocess: tokenizer and label map from the training split")
-    pre = _text_preprocessor(cfg, src, corpus, encoder, run_dir, log)
-    log(f"      {pre.num_classes} classes {pre.class_names}, max_len {pre.max_len}")
+    with console.step(number["preprocess"], "preprocess") as step:
+        pre = _text_preprocessor(cfg, src, corpus, encoder, run_dir, console)
+        step["result"] = f"{pre.num_classes} classes {pre.class_names}, max_len {pre.max_len}"
 
     init_encoder = str(encoder.path) if encoder is not None else None
     if pretraining:
         mlm = pre.with_labels([], [])
-        log(f"{number['pretrain']} pretrain: masked-LM, {cfg.pretrain.epochs} epochs, "
-            f"{int(cfg.pretrain.mask_prob * 100)} % of tokens masked")
-        texts = src.splits["train"].select_columns(["text"])
-        if corpus is not None:
-            texts = texts.union(corpus.select_columns(["text"]))
-        if cfg.pretrain.drop_contained:  # a second pass over the texts to the driver (SST-2: 67k rows, ~2 s)
-            whole = text_data.drop_contained(_texts(texts))
-            log(f"      corpus: {len(whole)} texts that are not part of a longer one (drop_contained)")
-            texts = ray.data.from_items([{"text": t} for t in whole])
-        datasets = {"train": mlm.apply(texts), "val": mlm.apply(src.splits["val"].select_columns(["text"]))}
-        spec = train_text.text_model_spec(cfg, mlm, "mlm")
-        pre_dir = train_text.fit_text(cfg, "mlm", datasets, mlm, spec, run_dir, "pretrain", log=log)
-        last = train.list_checkpoints(pre_dir)[-1][1]  # the encoder after the whole schedule
-        info = json.loads((last / "metrics.json").read_text())
-        log(f"      encoder: {last.name}, masked-token accuracy {info['val_accuracy']:.4f} "
-            f"(val loss {info['val_loss']:.3f})")
-        if "register" in cfg.steps and cfg.registry.enabled:
-            ref = register_encoder(cfg, run_dir.name, last, info)
-            log(f"      registered the encoder as {ref}")
+        with console.step(number["pretrain"], "pretrain", f"masked-LM, {cfg.pretrain.epochs} epochs, "
+                          f"{int(cfg.pretrain.mask_prob * 100)} % of tokens masked", announce=True) as step:
+            texts = src.splits["train"].select_columns(["text"])
+            if corpus is not None:
+                texts = texts.union(corpus.select_columns(["text"]))
+            if cfg.pretrain.drop_contained:  # a second pass over the texts to the driver (SST-2: 67k rows, ~2 s)
+                whole = text_data.drop_contained(_texts(texts))
+                console(f"      corpus: {len(whole)} texts that are not part of a longer one (drop_contained)")
+                texts = ray.data.from_items([{"text": t} for t in whole])
+            datasets = {"train": mlm.apply(texts), "val": mlm.apply(src.splits["val"].select_columns(["text"]))}
+            spec = train_text.text_model_spec(cfg, mlm, "mlm")
+            pre_dir = train_text.fit_text(cfg, "mlm", datasets, mlm, spec, run_dir, "pretrain", log=console)
+            last = train.list_checkpoints(pre_dir)[-1][1]  # the encoder after the whole schedule
+            info = json.loads((last / "metrics.json").read_text())
+            step["result"] = (f"encoder {last.name}, masked-token accuracy {info['val_accuracy']:.4f} "
+                              f"(val loss {info['val_loss']:.3f})")
+            if "register" in cfg.steps and cfg.registry.enabled:
+                step["result"] += f", registered as {register_encoder(cfg, run_dir.name, last, info)}"
         init_encoder = str(last)
 
     spec = train_text.text_model_spec(cfg, pre, "classify")
@@ -292,11 +339,14 @@ def _text_steps(cfg: WorkflowConfig, src: sources.Source, run_dir: Path, number:
         spec.update({k: encoder.spec[k] for k in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads",
                                                   "d_ff", "pad_id")})
     start = "from the pre-trained encoder" if init_encoder else "from scratch"
-    log(f"{number['train']} train: fine-tune {start}, {cfg.train.workers} worker(s), {cfg.train.epochs} epochs")
-    datasets = {s: pre.apply(src.splits[s]) for s in ("train", "val")}
-    train_text.fit_text(cfg, "classify", datasets, pre, spec, run_dir.parent, run_dir.name,
-                        init_encoder=init_encoder, log=log)
-    return train.best_checkpoint(run_dir, cfg.evaluate.metric)
+    with console.step(number["train"], "train", f"fine-tune {start}, {cfg.train.workers} worker(s), "
+                      f"{cfg.train.epochs} epochs", announce=True) as step:
+        datasets = {s: pre.apply(src.splits[s]) for s in ("train", "val")}
+        train_text.fit_text(cfg, "classify", datasets, pre, spec, run_dir.parent, run_dir.name,
+                            init_encoder=init_encoder, log=console)
+        best = train.best_checkpoint(run_dir, cfg.evaluate.metric)
+        step["result"] = _best_line(best, cfg)
+    return best
 
 
 def register_encoder(cfg: WorkflowConfig, run_name: str, ckpt: Path, info: dict) -> str:
@@ -315,5 +365,5 @@ def register_encoder(cfg: WorkflowConfig, run_name: str, ckpt: Path, info: dict)
     return f"{name}@{version}"
 
 
-def result_json(result: RunResult) -> str:
-    return json.dumps(asdict(result))
+def result_json(result: RunResult, indent: int | None = None) -> str:
+    return json.dumps(asdict(result), indent=indent)

@@ -106,19 +106,29 @@ def _partial_stats(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def fit(train: ray.data.Dataset, class_names: dict[str, str], input_shape: list[int] | None) -> Preprocessor:
     """One streaming pass over the training split; only per-block sums come back to the driver."""
     parts = train.map_batches(_partial_stats, batch_format="numpy", batch_size=4096).take_all()
-    n = sum(int(p["n"]) for p in parts)
+    sums = [sum(float(p[k]) for p in parts) for k in ("n", "s", "ss")]
+    classes = train.unique("label")
+    if input_shape is None and sums[0]:
+        input_shape = list(np.asarray(train.take(1)[0]["x"]).shape)
+    return _from_stats(*sums, classes, class_names, input_shape)
+
+
+def fit_arrays(x: np.ndarray, labels: np.ndarray, class_names: dict[str, str]) -> Preprocessor:
+    """The same fit for a training split already on the driver (``sources.IN_MEMORY_MAX_BYTES``)."""
+    stats = _partial_stats({"x": x})
+    return _from_stats(*(float(stats[k][0]) for k in ("n", "s", "ss")), list(np.unique(labels)), class_names,
+                       list(x.shape[1:]))
+
+
+def _from_stats(n: float, s: float, ss: float, classes: list, class_names: dict[str, str],
+                input_shape: list[int] | None) -> Preprocessor:
     if n == 0:
         raise DataError("the training split is empty; check the data path, data.max_rows and data.val_fraction")
-    s = sum(float(p["s"]) for p in parts)
-    ss = sum(float(p["ss"]) for p in parts)
     mean = s / n
     std = max((ss / n - mean * mean) ** 0.5, 1e-6)
-    classes = sorted(train.unique("label"), key=lambda v: (isinstance(v, str), v))
+    classes = sorted(classes, key=lambda v: (isinstance(v, str), v))
     if len(classes) < 2:
         raise DataError(f"the training split has {len(classes)} class(es); need at least 2")
-    if input_shape is None:
-        first = train.take(1)[0]["x"]
-        input_shape = list(np.asarray(first).shape)
     names = [class_names.get(str(c), str(c)) for c in classes]
     classes = [c.item() if hasattr(c, "item") else c for c in classes]
     return Preprocessor(list(input_shape), mean, std, classes, names)

@@ -24,6 +24,11 @@ from modelworks.errors import DataError
 SPLITS = ("train", "val", "test")
 # Rows per read task: small enough that Ray Data streams, large enough that task overhead stays small.
 _ROWS_PER_BLOCK = 10_000
+# Image sources whose raw arrays fit this (digits: 115 KB; MNIST: 47 MB of uint8) are read once on the driver:
+# splitting, fitting the preprocessor and scoring the test split then need no Ray Data pass (each pass costs
+# seconds to start on a small machine, more than these datasets take to read). Training reads its split
+# through Ray Data all the same; larger datasets stream from their files.
+IN_MEMORY_MAX_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -32,6 +37,8 @@ class Source:
     class_names: dict[str, str]  # raw label (as str) -> display name, when the dataset names its classes
     image_shape: list[int] | None
     roles: dict[str, str] | None = None  # tables: feature column -> numeric/categorical (data/table.py)
+    # Read on the driver (IN_MEMORY_MAX_BYTES): split -> {"x", "label"} arrays, the same rows as ``splits``.
+    arrays: dict[str, dict[str, np.ndarray]] | None = None
 
 
 def data_dir(explicit: str | None = None) -> Path:
@@ -63,21 +70,43 @@ def _ranges(n: int, max_rows: int | None = None) -> list[dict]:
     return [{"start": s, "stop": min(s + _ROWS_PER_BLOCK, n)} for s in range(0, n, _ROWS_PER_BLOCK)]
 
 
+def arrays_dataset(columns: dict[str, np.ndarray]) -> ray.data.Dataset:
+    """Arrays already on the driver as a Ray Dataset (in the object store, blocks of _ROWS_PER_BLOCK rows);
+    a column of rows with more than one value becomes a tensor column."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    n = len(next(iter(columns.values())))
+
+    def column(a: np.ndarray):
+        return ArrowTensorArray.from_numpy(np.ascontiguousarray(a)) if a.ndim > 1 else a
+
+    blocks = [pa.table({k: column(v[i:i + _ROWS_PER_BLOCK]) for k, v in columns.items()})
+              for i in range(0, max(n, 1), _ROWS_PER_BLOCK)]
+    return ray.data.from_arrow(blocks)
+
+
+def in_memory_source(x: np.ndarray, label: np.ndarray, cfg: DataConfig, class_names: dict[str, str],
+                     test: tuple[np.ndarray, np.ndarray] | None = None) -> Source:
+    """Split arrays read on the driver (by the same keyed hash as the streaming path, so the same rows land
+    in the same split either way); the test split is carved too unless the dataset ships its own."""
+    if cfg.max_rows:
+        x, label = x[:cfg.max_rows], label[:cfg.max_rows]
+    codes = split_codes(x, cfg.split_seed, cfg.val_fraction, cfg.test_fraction if test is None else None)
+    arrays = {s: {"x": x[codes == i], "label": label[codes == i]} for i, s in enumerate(SPLITS)}
+    if test is not None:
+        arrays["test"] = {"x": test[0], "label": test[1]}
+    splits = {s: arrays_dataset(a) for s, a in arrays.items()}
+    return Source(splits, class_names, list(x.shape[1:]), arrays=arrays)
+
+
 # ---------------------------------------------------------------------------------------------- digits
-def _read_digits(batch: dict) -> dict:
+def digits_source(cfg: DataConfig) -> Source:
     from sklearn.datasets import load_digits  # ships its data file inside the scikit-learn package
 
     digits = load_digits()
-    rows = [np.arange(s, e) for s, e in zip(batch["start"], batch["stop"])]
-    sel = np.concatenate(rows)
-    return {"x": digits.images[sel].astype(np.float32), "label": digits.target[sel].astype(np.int64)}
-
-
-def digits_source(cfg: DataConfig) -> Source:
-    n = 1797  # rows in scikit-learn's digits
-    base = ray.data.from_items(_ranges(n, cfg.max_rows)).map_batches(_read_digits, batch_size=1)
-    splits = {s: base.map_batches(_keep, fn_kwargs={"split": s, "cfg": cfg, "carve_test": True}) for s in SPLITS}
-    return Source(splits, {str(i): str(i) for i in range(10)}, [8, 8])
+    return in_memory_source(digits.images.astype(np.float32), digits.target.astype(np.int64), cfg,
+                            {str(i): str(i) for i in range(10)})
 
 
 # ------------------------------------------------------------------------------------------------- idx
@@ -92,16 +121,21 @@ def _read_idx(batch: dict, pair: idx.IdxPair) -> dict:
 def idx_source(cfg: DataConfig, root: Path) -> Source:
     folder = Path(cfg.path) if cfg.path else root / cfg.name
     pairs = {split: idx.open_split(folder, cfg.name, split, cfg.download) for split in ("train", "test")}
+    names_file = folder / "labels.txt"
+    names = names_file.read_text().split("\n") if names_file.is_file() else [str(i) for i in range(10)]
+    class_names = {str(i): n for i, n in enumerate(n for n in names if n)}
+    size = sum(int(np.prod(p.images.dims)) for p in pairs.values())  # uint8 pixels
+    if size <= IN_MEMORY_MAX_BYTES:
+        read = {s: (idx.read_rows(p.images, 0, p.rows), idx.read_rows(p.labels, 0, p.rows).astype(np.int64))
+                for s, p in pairs.items()}
+        return in_memory_source(*read["train"], cfg, class_names, test=read["test"])
     train_all = ray.data.from_items(_ranges(pairs["train"].rows, cfg.max_rows)).map_batches(
         _read_idx, batch_size=1, fn_kwargs={"pair": pairs["train"]})
     splits = {s: train_all.map_batches(_keep, fn_kwargs={"split": s, "cfg": cfg, "carve_test": False})
               for s in ("train", "val")}
     splits["test"] = ray.data.from_items(_ranges(pairs["test"].rows)).map_batches(
         _read_idx, batch_size=1, fn_kwargs={"pair": pairs["test"]})
-    names_file = folder / "labels.txt"
-    names = names_file.read_text().split("\n") if names_file.is_file() else [str(i) for i in range(10)]
-    names = [n for n in names if n]
-    return Source(splits, {str(i): n for i, n in enumerate(names)}, list(pairs["train"].images.dims[1:]))
+    return Source(splits, class_names, list(pairs["train"].images.dims[1:]))
 
 
 # ----------------------------------------------------------------------------------------------- table

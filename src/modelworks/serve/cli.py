@@ -56,17 +56,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     cfg = serve_config_from_args(args)
     stop = threading.Event()
-    info = runner.start(args.model, registry=args.registry, serve_config=cfg, host=args.host, port=args.port,
-                        app_name=args.app, on_connected=lambda: catch_sigterm(stop))
-    announce(info, cfg)
+    out, err = sys.stdout, sys.stderr
+    if not args.verbose:  # one ready line here; Ray's and Serve's own output goes to a log file
+        from modelworks.console import capture_process_output, terminal_copy
+        from modelworks.registry import home
+
+        out, err = terminal_copy(1), terminal_copy(2)
+        log_path = home() / "logs" / f"serve-{args.app or args.model.split('@')[0]}.log"
+        capture_process_output(log_path)
+    try:
+        info = runner.start(args.model, registry=args.registry, serve_config=cfg, host=args.host, port=args.port,
+                            app_name=args.app, on_connected=lambda: catch_sigterm(stop))
+    except Exception as exc:  # noqa: BLE001 - one line on the terminal, the traceback in the log
+        if args.verbose:
+            raise
+        import traceback
+
+        from modelworks.cli import _find_user_error
+
+        found = _find_user_error(exc)
+        if found is not None:
+            print(f"error: {found}", file=err, flush=True)
+            return 2
+        traceback.print_exc()
+        print(f"error: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}\nfull log: {log_path}",
+              file=err, flush=True)
+        return 1
+    announce(info, cfg, file=out)
+    if not args.verbose:
+        print(f"Ray's output: {log_path}", file=out, flush=True)
     if not args.detach:
-        serve_until_stopped(info["app"], stop)
+        serve_until_stopped(info["app"], stop, file=err)
     return 0
 
 
-def announce(info: dict, cfg) -> None:
+def announce(info: dict, cfg, file=None) -> None:
     print(f"serving {info['model']} (version {info['version']}) at {info['url']}  "
-          f"[docs: {info['url']}/docs, replicas {cfg.min_replicas}..{cfg.max_replicas}]", flush=True)
+          f"[docs: {info['url']}/docs, replicas {cfg.min_replicas}..{cfg.max_replicas}]", file=file or sys.stdout,
+          flush=True)
 
 
 def catch_sigterm(stop: threading.Event) -> None:
@@ -75,7 +102,7 @@ def catch_sigterm(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
 
-def serve_until_stopped(app_name: str, stop: threading.Event) -> None:
+def serve_until_stopped(app_name: str, stop: threading.Event, file=None) -> None:
     """Block until Ctrl-C or SIGTERM, then delete the application (what `modelworks serve` and
     `modelworks run --serve` do after starting it)."""
     try:
@@ -86,7 +113,7 @@ def serve_until_stopped(app_name: str, stop: threading.Event) -> None:
     from ray import serve
 
     serve.delete(app_name)
-    print("stopped", file=sys.stderr)
+    print("stopped", file=file or sys.stderr)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -129,5 +156,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--app", help="Serve application name (default: the model name)")
     p.add_argument("--rollout", action="store_true", help="move the running application to MODEL in place")
     p.add_argument("--detach", action="store_true", help="return after deploying (with RAY_ADDRESS set)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's and Serve's own output live (default: $MODELWORKS_HOME/logs/serve-APP.log)")
     p.add_argument("-o", "--output", help="with 'build': where to write the config")
     p.set_defaults(func=cmd_serve)

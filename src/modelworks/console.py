@@ -1,0 +1,216 @@
+"""What a person sees while a run works, and where Ray's own output goes instead.
+
+    modelworks · workflow digits · run digits-1a2b3c4d · Ray local, 2 CPUs · 1 worker
+    [1/5] ingest       0.9 s  digits 'digits'; registers as 'digits'
+    [2/5] preprocess   0.1 s  input [8, 8], 10 classes, mean=4.8842 std=6.0168
+    [3/5] train: 1 worker(s), 20 epochs
+          epoch 1/20  train_loss=1.4510  val_loss=0.5634  val_acc=0.8918  21,340 samples/s
+          ...
+    [3/5] train        6.2 s  best checkpoint_epoch=18 (val_accuracy 0.9840)
+    ...
+
+One ``Console`` renders the same calls two ways:
+- a terminal (the stream is a TTY): colour, and a one-line live progress bar during training (epoch x/N,
+  batches, samples/s or tokens/s, loss, time left) that erases itself; each epoch is printed once above it;
+- anything else (CI, ``| tee``, ``ray job submit`` logs): plain lines, no control codes, one line per epoch.
+
+Ray's output (its INFO lines, every worker line echoed to the driver, Ray Data's banners, the controller's
+warnings) is not for this console: ``capture_process_output`` points the process's stdout/stderr file
+descriptors at ``runs/<run>/logs/ray.log`` and the console keeps a private copy of the terminal. The workers'
+progress reaches the console as events (``modelworks.progress``), not as printed lines.
+This module does not import Ray.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, TextIO
+
+from rich.console import Console as RichConsole
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+LOG_FILE = "ray.log"  # runs/<run>/logs/ray.log
+
+
+class Console:
+    """The run's console. Calling it prints one note line, so it can stand wherever a ``log`` callable does."""
+
+    def __init__(self, stream: TextIO | None = None, *, write: Callable[[str], None] | None = None,
+                 live: bool | None = None, capture_to_run_logs: bool = False) -> None:
+        self.stream = stream or sys.stdout
+        self._write_line = write
+        self.live = bool(live if live is not None else (write is None and self.stream.isatty()))
+        self._rich = RichConsole(file=self.stream, force_terminal=self.live, no_color=not self.live,
+                                 highlight=False, soft_wrap=True) if write is None else None
+        self.capture_to_run_logs = capture_to_run_logs
+        self.log_path: Path | None = None
+        self.step_seconds: dict[str, float] = {}
+        # Per training step: seconds from asking Ray Train for workers to the loop's first step (worker
+        # processes, process group, reading the shard): the fixed cost bench/overhead.py breaks down.
+        self.trainer_startup_s: dict[str, float] = {}
+        self._training: _TrainingView | None = None
+
+    @classmethod
+    def from_log(cls, log: "Console | Callable[[str], None] | None") -> "Console":
+        """Wrap a plain ``log(line)`` callable (tests pass ``print`` or ``list.append``) as a Console."""
+        if isinstance(log, Console):
+            return log
+        return cls(write=log or print)
+
+    def attach_run(self, run_dir: Path) -> None:
+        """The run directory is known: from here on Ray's output goes to its logs (when capturing)."""
+        if self.capture_to_run_logs and self.log_path is None:
+            self.log_path = run_dir / "logs" / LOG_FILE
+            capture_process_output(self.log_path)
+
+    # -- lines -----------------------------------------------------------------------------------
+    def _emit(self, text: str, style: str | None = None) -> None:
+        if self._write_line is not None:
+            self._write_line(text)
+        elif self._training is not None and self._training.progress is not None:
+            self._training.progress.console.print(text, style=style, markup=False)  # above the live bar
+        else:
+            self._rich.print(text, style=style, markup=False)
+
+    def __call__(self, line: str) -> None:
+        self._emit(line)
+
+    def event(self, line: str) -> None:
+        """Something that matters (a restart, a failed gate): one line that stands out on a terminal."""
+        self._emit(line, style="bold yellow")
+
+    def header(self, workflow: str, run: str, ray_desc: str, workers: int) -> None:
+        self._emit(f"modelworks · workflow {workflow} · run {run} · {ray_desc} · {workers} worker(s)",
+                   style="bold")
+        if self.log_path is not None:
+            self._emit(f"      Ray's output: {self.log_path}", style="dim")
+
+    @contextmanager
+    def timed(self, name: str):
+        """Time something that is not a step of its own (Ray's start-up): it shows in ``step_times``."""
+        t0 = time.perf_counter()
+        yield
+        self.step_seconds[name] = self.step_seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    @contextmanager
+    def step(self, number: str, name: str, what: str = "", announce: bool = False):
+        """Time a step; print ``[i/n] name  1.2 s  result`` when it finishes. ``announce`` also prints a line
+        when it starts (long steps: their progress comes in between). Yields a dict; set ``result``."""
+        if announce:
+            self._emit(f"{number} {name}: {what}", style="bold")
+        out = {"result": "" if announce else what}
+        t0 = time.perf_counter()
+        yield out
+        seconds = time.perf_counter() - t0
+        self.step_seconds[name] = self.step_seconds.get(name, 0.0) + seconds
+        self._emit(f"{number} {name:<11}{seconds:6.1f} s  {out['result']}", style="green")
+
+    # -- training progress -------------------------------------------------------------------------
+    @contextmanager
+    def training(self, label: str, max_attempts: int):
+        """While a training step runs: ``on_event`` (for ``progress.FollowProgress``) prints each epoch
+        once, a restart as one line, and on a terminal drives the live bar."""
+        view = _TrainingView(self, label, max_attempts)
+        self._training = view
+        try:
+            yield view.on_event
+        finally:
+            view.close()
+            self._training = None
+
+    # -- the end -----------------------------------------------------------------------------------
+    def summary(self, rows: list[tuple[str, str]]) -> None:
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            self._emit(f"{key + ':':<{width + 2}}{value}")
+
+    def step_times(self) -> str:
+        parts = [f"{name} {s:.1f} s" for name, s in self.step_seconds.items()]
+        return " · ".join(parts)
+
+
+class _TrainingView:
+    """Turns progress events into lines (and, on a terminal, a one-line live bar)."""
+
+    def __init__(self, console: Console, label: str, max_attempts: int) -> None:
+        self.console, self.label, self.max_attempts = console, label, max_attempts
+        self.starts = 0
+        self.t0 = time.perf_counter()
+        self.epochs = 0
+        self.unit = "samples"
+        self.progress: Progress | None = None
+        self._task = None
+
+    def _bar(self) -> None:
+        if not self.console.live or self.console._rich is None or self.progress is not None:
+            return
+        self.progress = Progress(
+            TextColumn("      {task.fields[label]} epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(bar_width=24), TextColumn("{task.completed}/{task.total} batches"),
+            TextColumn("{task.fields[rate]}"), TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+            # Not rich's default of routing sys.stdout/stderr above the bar: that is where Ray prints.
+            console=self.console._rich, transient=True, redirect_stdout=False, redirect_stderr=False)
+        self._task = self.progress.add_task("train", total=None, label=self.label, epoch="-",
+                                            epochs=self.epochs, rate="", loss="-")
+        self.progress.start()
+
+    def on_event(self, event: dict) -> None:
+        kind = event.get("kind")
+        if kind == "start":
+            self.starts += 1
+            if self.starts == 1:
+                self.console.trainer_startup_s[self.label or "train"] = round(time.perf_counter() - self.t0, 2)
+            self.epochs, self.unit = event["epochs"], event.get("unit", "samples")
+            if self.starts > 1:  # the worker group died and Ray Train started a new one from the checkpoint
+                done = event["first_epoch"] - 1
+                origin = f"checkpoint_epoch={done}" if done else "the start (no checkpoint yet)"
+                self.console.event(f"      a training worker died; training resumed from {origin} "
+                                   f"(attempt {self.starts} of {self.max_attempts})")
+            self._bar()
+            if self.progress is not None:
+                self.progress.update(self._task, total=event.get("batches"), completed=0,
+                                     epoch=event["first_epoch"], epochs=self.epochs)
+        elif kind == "batch" and self.progress is not None:
+            self.progress.update(self._task, completed=event["batch"], epoch=event["epoch"],
+                                 rate=f"{event['rate']:,.0f} {self.unit}/s", loss=f"{event['loss']:.4f}")
+        elif kind == "epoch":
+            self.console(epoch_line(self.label, event, self.epochs, self.unit))
+            if self.progress is not None:
+                self.progress.update(self._task, completed=0, epoch=min(event["epoch"] + 1, self.epochs))
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def epoch_line(label: str, m: dict, epochs: int, unit: str) -> str:
+    """One epoch, as both the console and the worker's own log print it."""
+    prefix = f"{label} " if label else ""
+    if "val_r2" in m:
+        score = f"val_r2={m['val_r2']:.4f}  val_mae={m['val_mae']:.4g}"
+    else:
+        score = f"val_acc={m['val_accuracy']:.4f}"
+    rate = m.get("tokens_per_s") if unit == "tokens" else m.get("samples_per_s")
+    return (f"      {prefix}epoch {m['epoch']}/{epochs}  train_loss={m['train_loss']:.4f}  "
+            f"val_loss={m['val_loss']:.4f}  {score}  {rate or 0:,.0f} {unit}/s")
+
+
+def capture_process_output(path: Path) -> None:
+    """Point this process's stdout and stderr (file descriptors 1 and 2, so also what Ray's threads and C++
+    core write there) at ``path``. Call once the console holds its own copy of the terminal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def terminal_copy(fd: int) -> TextIO:
+    """A line-buffered text stream on a duplicate of ``fd``: still the terminal after fd is redirected."""
+    return os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8", errors="replace")

@@ -1,0 +1,104 @@
+"""Live training progress, from rank 0 of a training step to the driver's console.
+
+    worker (rank 0)  --push(event), fire and forget-->  ProgressBoard actor  <--take() every 0.25 s--  driver
+
+Events are small dicts with a ``kind``:
+- ``start``: the worker group (re)started the step: ``step``, ``epochs``, ``first_epoch`` (>1 when it
+  resumed from a checkpoint), ``batches`` per epoch, ``unit`` (samples or tokens);
+- ``batch``: inside an epoch, at most every ``BATCH_EVERY_S``: ``epoch``, ``batch``, ``rate``, ``loss``;
+- ``epoch``: an epoch's metrics as ``ray.train.report`` gets them.
+
+A worker never waits on the driver: a push is one actor call whose result nobody reads, and a lost event
+only costs a line of output. The board lives in the driver's job, so a worker group that dies and restarts
+(``FailureConfig``) keeps pushing to the same board; its second ``start`` is how the console learns of it.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+import ray
+
+# Often enough for a progress bar to move smoothly, rarely enough that the calls cost nothing measurable.
+BATCH_EVERY_S = 0.5
+
+
+@ray.remote(num_cpus=0)  # Ray: a tiny actor, no CPU reserved (it only holds a list)
+class ProgressBoard:
+    def __init__(self) -> None:
+        self._events: list[dict] = []
+
+    def push(self, event: dict) -> None:
+        self._events.append(event)
+
+    def take(self) -> list[dict]:
+        events, self._events = self._events, []
+        return events
+
+
+class WorkerProgress:
+    """The worker side. Only rank 0 pushes; without a board (tests, search trials) every call is a no-op."""
+
+    def __init__(self, board, rank: int, step: str) -> None:
+        self._board = board if rank == 0 else None
+        self._step = step
+        self._last = 0.0
+
+    def _push(self, **event) -> None:
+        if self._board is not None:
+            self._board.push.remote({"step": self._step, **event})  # Ray: fire and forget
+
+    def start(self, epochs: int, first_epoch: int, batches: int | None, unit: str = "samples") -> None:
+        self._push(kind="start", epochs=epochs, first_epoch=first_epoch, batches=batches, unit=unit)
+
+    def batch(self, epoch: int, batch: int, rate: float, loss: float) -> None:
+        now = time.monotonic()
+        if now - self._last >= BATCH_EVERY_S:
+            self._last = now
+            self._push(kind="batch", epoch=epoch, batch=batch, rate=rate, loss=loss)
+
+    def epoch(self, metrics: dict) -> None:
+        self._push(kind="epoch", **{k: v for k, v in metrics.items() if k != "history"})
+
+
+class FollowProgress:
+    """Driver side: a board for the duration of a blocking call (``trainer.fit()``), polled from a thread
+    that hands every event to ``on_event``.
+
+        with FollowProgress(console.training_events) as board:
+            run_trainer(..., progress=board)
+    """
+
+    def __init__(self, on_event: Callable[[dict], None], interval_s: float = 0.25) -> None:
+        self._on_event = on_event
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.board = None
+
+    def _drain(self) -> None:
+        for event in ray.get(self.board.take.remote()):  # Ray
+            self._on_event(event)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._drain()
+            except Exception:  # noqa: BLE001 - progress is best effort; training goes on without it
+                return
+
+    def __enter__(self):
+        self.board = ProgressBoard.remote()  # Ray
+        self._thread = threading.Thread(target=self._poll, name="modelworks-progress", daemon=True)
+        self._thread.start()
+        return self.board
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self._drain()  # the last epoch's event may have arrived after the last poll
+        except Exception:  # noqa: BLE001
+            pass
+        ray.kill(self.board)  # Ray

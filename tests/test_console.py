@@ -1,0 +1,180 @@
+"""The console a person reads: a run's own lines only, each epoch once, Ray's output in the run's log file
+(shown live with --verbose), a worker that dies as one line; a terminal gets colour and a live bar, anything
+else plain lines. The first tests need no Ray; the CLI tests run `modelworks run` on a real local Ray."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from modelworks.console import Console
+
+REPO = Path(__file__).resolve().parents[1]
+# What Ray itself prints: log levels, actor-prefixed echoes of worker output, Train's controller and cleaner.
+RAY_LINE = re.compile(r"\bINFO\b|\(RayTrainWorker pid=|PlacementGroupCleaner|\(TrainController pid=|"
+                      r"streaming_executor|\(pid=\d+\)")
+
+
+def events(epochs: int, restart_after: int | None = None) -> list[dict]:
+    out = [{"kind": "start", "epochs": epochs, "first_epoch": 1, "batches": 10}]
+    for e in range(1, epochs + 1):
+        out.append({"kind": "batch", "epoch": e, "batch": 5, "rate": 1000.0, "loss": 0.5})
+        out.append({"kind": "epoch", "epoch": e, "train_loss": 0.5, "val_loss": 0.4, "val_accuracy": 0.9,
+                    "samples_per_s": 1000.0})
+        if e == restart_after:
+            out.append({"kind": "start", "epochs": epochs, "first_epoch": e + 1, "batches": 10})
+    return out
+
+
+def test_plain_console_prints_each_epoch_once_and_a_restart_as_one_line():
+    stream = io.StringIO()  # not a terminal: plain lines
+    console = Console(stream)
+    with console.step("[3/5]", "train", "1 worker(s), 4 epochs", announce=True) as step:
+        with console.training("", max_attempts=2) as on_event:
+            for event in events(4, restart_after=2):
+                on_event(event)
+        step["result"] = "best checkpoint_epoch=4"
+    text = stream.getvalue()
+    assert "\x1b" not in text and "\r" not in text
+    lines = text.splitlines()
+    assert lines[0] == "[3/5] train: 1 worker(s), 4 epochs"
+    for e in range(1, 5):
+        assert sum(f"epoch {e}/4 " in ln for ln in lines) == 1
+    restart = [ln for ln in lines if "worker died" in ln]
+    assert restart == ["      a training worker died; training resumed from checkpoint_epoch=2 (attempt 2 of 2)"]
+    assert re.fullmatch(r"\[3/5\] train +\d+\.\d s  best checkpoint_epoch=4", lines[-1])
+    assert len(lines) == 1 + 4 + 1 + 1
+
+
+def test_terminal_console_draws_a_live_bar_that_leaves_no_lines_behind():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    console = Console(stream)
+    with console.training("", max_attempts=1) as on_event:
+        for event in events(3):
+            on_event(event)
+    raw = stream.getvalue()
+    assert "\x1b[" in raw  # colour and cursor control: it is a terminal
+    # The bar redraws in place and erases itself at the end: what stays on screen is the three epochs.
+    lines = screen_lines(raw.replace("\n", "\r\n"))  # what a terminal's output processing does
+    assert [ln.split()[:2] for ln in lines] == [["epoch", "1/3"], ["epoch", "2/3"], ["epoch", "3/3"]], lines
+
+
+# ------------------------------------------------------------------------------------------- the CLI
+def _env(**extra) -> dict:
+    # A test's CLI starts its own private Ray, never one a developer left running on the machine.
+    return {**os.environ, "MODELWORKS_JOIN_RAY": "0", **extra}
+
+
+def run_in_terminal(args: list[str], timeout: float) -> tuple[int, str]:
+    """Run the CLI with a pseudo-terminal as stdin/stdout/stderr, as a person at a terminal would."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "modelworks.cli", *args], stdin=slave, stdout=slave,
+                            stderr=slave, env=_env(), start_new_session=True, close_fds=True)
+    os.close(slave)
+    chunks, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every process holding the terminal has closed it
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    rc = proc.wait(timeout=60)
+    os.close(master)
+    return rc, b"".join(chunks).decode("utf-8", "replace")
+
+
+def screen_lines(raw: str) -> list[str]:
+    """The lines a person is left with on the terminal (pyte plays the output on a virtual terminal: the
+    live bar's redraws and its final erase happen as they would on screen)."""
+    import pyte
+
+    screen = pyte.Screen(300, 400)
+    pyte.Stream(screen).feed(raw)
+    return [ln.rstrip() for ln in screen.display if ln.strip()]
+
+
+@pytest.mark.slow
+def test_digits_run_in_a_terminal_is_short_and_has_no_ray_lines(modelworks_home):
+    rc, raw = run_in_terminal(["run", str(REPO / "workflows/digits.py")], timeout=600)
+    lines = screen_lines(raw)
+    assert rc == 0, "\n".join(lines[-40:])
+    assert "\x1b[" in raw  # a terminal: colour and the live bar
+    assert not [ln for ln in lines if RAY_LINE.search(ln)], "\n".join(lines)
+    for e in range(1, 21):
+        assert sum(f"epoch {e}/20 " in ln for ln in lines) == 1, (e, "\n".join(lines))
+    assert len(lines) <= 32, "\n".join(lines)
+    assert any(ln.startswith("model:") and "digits@1" in ln for ln in lines)
+    # Nothing of Ray's was lost: it is in the run's log.
+    log = next((modelworks_home / "runs").glob("*/logs/ray.log")).read_text()
+    assert "RayTrainWorker" in log and "[modelworks] epoch 20/20" in log
+
+
+def _worker_pids() -> set[int]:
+    """Ray Train worker processes on this machine (their process title starts with ray::RayTrainWorker)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                    pids.add(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_one_line_and_verbose_shows_ray(modelworks_home):
+    """Without a terminal: plain lines, no control codes; a SIGKILLed training worker shows up as one line
+    about the restart (the run then finishes). With --verbose the same run shows Ray's own lines."""
+    before = _worker_pids()
+    args = ["run", str(REPO / "workflows/digits.py"), "--set", "train.epochs=5", "--set", "train.batch_size=2",
+            "--set", "train.max_failures=1", "--name", "killed"]
+    proc = subprocess.Popen([sys.executable, "-m", "modelworks.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
+    run_dir = modelworks_home / "runs" / "killed"
+    deadline = time.time() + 400
+    while not (run_dir / "checkpoint_epoch=2" / "sha256sums").is_file():
+        assert proc.poll() is None and time.time() < deadline, "run ended or stalled before epoch 2"
+        time.sleep(0.05)
+    workers = _worker_pids() - before
+    assert len(workers) == 1, workers
+    os.kill(workers.pop(), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "\x1b" not in out
+    lines = out.splitlines()
+    assert not [ln for ln in lines if RAY_LINE.search(ln)], out
+    restarts = [ln for ln in lines if "worker died" in ln]
+    assert len(restarts) == 1 and "(attempt 2 of 2)" in restarts[0], out
+    assert sum("epoch 5/5 " in ln for ln in lines) == 1
+    history = json.loads((run_dir / "checkpoint_epoch=5" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+
+    verbose = subprocess.run([sys.executable, "-m", "modelworks.cli", "run", str(REPO / "workflows/digits.py"),
+                              "--set", "train.epochs=1", "--name", "verbose", "--verbose"],
+                             capture_output=True, text=True, env=_env(MODELWORKS_PROGRESS="0"), timeout=600)
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert RAY_LINE.search(verbose.stdout + verbose.stderr)
+    assert not (modelworks_home / "runs" / "verbose" / "logs").exists()
