@@ -56,6 +56,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     cfg = serve_config_from_args(args)
     stop = threading.Event()
+    # A model that is not there or fails its checksums stops here with one line, before any output moves.
+    from modelworks.registry import default_root
+
+    runner.verify_model(args.model, args.registry or default_root())
     out, err = sys.stdout, sys.stderr
     if not args.verbose:  # one ready line here; Ray's and Serve's own output goes to a log file
         from modelworks.console import capture_process_output, terminal_copy
