@@ -11,6 +11,9 @@ config, Ray start, ingest, preprocess, train, of which Ray Train start to the lo
 register) comes from the run's ``--json`` summary. Written to bench/results/overhead.json.
 
     .venv/bin/python bench/overhead.py --data-dir ../shared/data
+
+The "joined" part runs `ray start --head` and, at the end, `ray stop --force`, which stops every Ray on the
+machine: run it where no other Ray is needed.
 """
 from __future__ import annotations
 

@@ -9,9 +9,11 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -178,3 +180,34 @@ def test_a_killed_worker_is_one_line_and_verbose_shows_ray(modelworks_home):
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert RAY_LINE.search(verbose.stdout + verbose.stderr)
     assert not (modelworks_home / "runs" / "verbose" / "logs").exists()
+
+
+@pytest.mark.slow
+def test_a_run_joins_a_running_ray(modelworks_home):
+    """`ray start --head` once; a later run joins that Ray instead of starting its own (ray_private reads the
+    address file `ray start` writes: this pins its format)."""
+    from modelworks.serve.testing import free_port
+
+    ray_bin = Path(sys.executable).parent / "ray"
+    # Its own address file, not the machine's; a short path, as Ray's socket paths must stay under 108 bytes.
+    temp = tempfile.mkdtemp(prefix="mwray", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": temp}
+    env.pop("MODELWORKS_JOIN_RAY", None)
+    port = free_port()
+    marker = f"{temp}/ray"  # in the command line of every process of this Ray: how the test stops only those
+    subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats", f"--temp-dir={marker}"], env=env, check=True, capture_output=True,
+                   timeout=120, start_new_session=True)
+    try:
+        run = subprocess.run([sys.executable, "-m", "modelworks.cli", "run", str(REPO / "workflows/digits.py"),
+                              "--set", "train.epochs=1", "--set", "registry.enabled=false"],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        header = run.stdout.splitlines()[0]
+        assert "Ray running on this machine" in header and f":{port}" in header, header
+    finally:
+        from tests.test_cluster import stop_own_cluster  # never `ray stop`: it would stop every Ray here
+
+        survivors = stop_own_cluster(marker)
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not survivors, f"could not stop our Ray processes {survivors}"
