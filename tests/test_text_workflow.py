@@ -62,7 +62,7 @@ def encoder_digest(ckpt: Path) -> str:
     return checkpoint.state_digest(checkpoint.load(ckpt).model.encoder)
 
 
-def test_pretrain_then_finetune_chain_lineage_and_baseline(ray_local, tmp_path, modelworks_home):
+def test_pretrain_then_finetune_chain_lineage_baseline_and_reuse_by_reference(ray_local, tmp_path, modelworks_home):
     data = write_sentiment_csvs(tmp_path / "data")["train"].parent
     result = run_workflow(tiny_text(data), log=lambda m: None)
     run_dir = Path(result.run_dir)
@@ -89,19 +89,14 @@ def test_pretrain_then_finetune_chain_lineage_and_baseline(ray_local, tmp_path, 
     assert base_first["init_encoder_sha256"] != first["init_encoder_sha256"]
     assert reg.versions("sst2-encoder") == [1]  # no encoder minted without pre-training
 
-
-def test_finetune_from_a_registered_encoder_by_reference(ray_local, tmp_path, modelworks_home):
-    data = write_sentiment_csvs(tmp_path / "data")["train"].parent
-    run_workflow(tiny_text(data, "train.epochs=1"), log=lambda m: None)
-    encoder_ckpt = Registry().checkpoint_dir("sst2-encoder", 1)
     # Another workflow (other name, other architecture in its config) fine-tunes from the registry entry.
     other = tiny_text(data, "name=sentiment-from-encoder", "steps=[\"train\",\"evaluate\",\"register\"]",
                       "train.init_from=sst2-encoder@production", "model.d_model=64", "train.epochs=2")
-    result = run_workflow(other, log=lambda m: None)
-    first = json.loads((Path(result.run_dir) / "checkpoint_epoch=1" / "metrics.json").read_text())
-    assert first["init_encoder_sha256"] == encoder_digest(encoder_ckpt)
-    assert checkpoint.load(result.checkpoint).spec["d_model"] == 32  # the encoder's width, not the config's
-    assert result.model == "sentiment-from-encoder@1" and result.test_accuracy > 0.7
+    reused = run_workflow(other, log=lambda m: None)
+    reused_first = json.loads((Path(reused.run_dir) / "checkpoint_epoch=1" / "metrics.json").read_text())
+    assert reused_first["init_encoder_sha256"] == encoder_digest(reg.checkpoint_dir("sst2-encoder", 1))
+    assert checkpoint.load(reused.checkpoint).spec["d_model"] == 32  # the encoder's width, not the config's
+    assert reused.model == "sentiment-from-encoder@1" and reused.test_accuracy > 0.7
 
 
 def test_two_worker_ddp_text_run(ray_local, tmp_path, modelworks_home):
