@@ -135,15 +135,9 @@ def test_digits_run_in_a_terminal_is_short_and_has_no_ray_lines(modelworks_home)
 
 def _worker_pids() -> set[int]:
     """Ray Train worker processes on this machine (their process title starts with ray::RayTrainWorker)."""
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                    pids.add(int(entry.name))
-            except OSError:
-                pass
-    return pids
+    from tests.test_cluster import _pids_of
+
+    return _pids_of("ray::RayTrainWorker")
 
 
 @pytest.mark.slow

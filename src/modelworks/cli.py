@@ -35,6 +35,19 @@ def _find_user_error(exc: BaseException, depth: int = 0) -> UserError | None:
     return None
 
 
+def report_failure(exc: BaseException, log_path, err) -> int:
+    """A failure once the process's output goes to a log file: one line on the terminal ``err`` (exit 2 for a
+    user error, 1 otherwise); anything unexpected also leaves its traceback in the log."""
+    found = _find_user_error(exc)
+    if found is not None:
+        print(f"error: {found} (log: {log_path})", file=err, flush=True)
+        return 2
+    traceback.print_exception(exc)  # into the log: stderr points there now
+    first = (str(exc).strip().splitlines() or [""])[0]
+    print(f"error: {type(exc).__name__}: {first}\nfull log: {log_path}", file=err, flush=True)
+    return 1
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from modelworks.config import apply_overrides, load_workflow
 
@@ -62,14 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - one line on the terminal, the traceback in the run's log
         if console.log_path is None:
             raise
-        found = _find_user_error(exc)
-        if found is None:
-            traceback.print_exc()  # into the log: stderr points there now
-            first = (str(exc).strip().splitlines() or [""])[0]
-            print(f"error: {type(exc).__name__}: {first}\nfull log: {console.log_path}", file=err, flush=True)
-            return 1
-        print(f"error: {found} (log: {console.log_path})", file=err, flush=True)
-        return 2
+        return report_failure(exc, console.log_path, err)
     if args.json:
         print(result_json(result), file=out, flush=True)
     else:

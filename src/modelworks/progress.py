@@ -66,7 +66,7 @@ class FollowProgress:
     """Driver side: a board for the duration of a blocking call (``trainer.fit()``), polled from a thread
     that hands every event to ``on_event``.
 
-        with FollowProgress(console.training_events) as board:
+        with console.training(label, max_attempts) as on_event, FollowProgress(on_event) as board:
             run_trainer(..., progress=board)
     """
 

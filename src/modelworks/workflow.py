@@ -166,7 +166,7 @@ def fit_preprocessor(cfg: WorkflowConfig, src: sources.Source, log=print):
 
 def describe_preprocessor(cfg: WorkflowConfig, pre) -> str:
     """One line on what the preprocess step fitted."""
-    if hasattr(pre, "columns"):  # a table
+    if getattr(pre, "kind", None) == "table":
         imputed = {c["name"]: c["missing"] for c in pre.columns if c["missing"]}
         return (f"{pre.rows} training rows, {pre.input_dim} model inputs, "
                 + (f"{pre.num_classes} classes" if cfg.model.task == "classification" else

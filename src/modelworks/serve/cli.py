@@ -74,18 +74,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - one line on the terminal, the traceback in the log
         if args.verbose:
             raise
-        import traceback
+        from modelworks.cli import report_failure
 
-        from modelworks.cli import _find_user_error
-
-        found = _find_user_error(exc)
-        if found is not None:
-            print(f"error: {found}", file=err, flush=True)
-            return 2
-        traceback.print_exc()
-        print(f"error: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}\nfull log: {log_path}",
-              file=err, flush=True)
-        return 1
+        return report_failure(exc, log_path, err)
     announce(info, cfg, file=out)
     if not args.verbose:
         print(f"Ray's output: {log_path}", file=out, flush=True)
