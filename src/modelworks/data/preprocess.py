@@ -73,8 +73,8 @@ class Preprocessor(JsonFields):
 
 
 def from_json(text: str):
-    """An image ``Preprocessor``, a ``TextPreprocessor`` (``"kind": "text"``) or a ``TablePreprocessor``
-    (``"kind": "table"``), from its ``to_json``."""
+    """An image ``Preprocessor``, a ``TextPreprocessor`` (``"kind": "text"``), a ``TablePreprocessor``
+    (``"kind": "table"``) or a language model's ``CharPreprocessor`` (``"kind": "chars"``), from its ``to_json``."""
     data = json.loads(text)
     if data.get("kind") == "text":
         from modelworks.data.text import TextPreprocessor
@@ -84,6 +84,10 @@ def from_json(text: str):
         from modelworks.data.table import TablePreprocessor
 
         return TablePreprocessor.from_dict(data)
+    if data.get("kind") == "chars":
+        from modelworks.data.chars import CharPreprocessor
+
+        return CharPreprocessor.from_dict(data)
     return Preprocessor(**data)
 
 

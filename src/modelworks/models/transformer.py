@@ -6,14 +6,17 @@
            ──► final LayerNorm ──► a head:
                  MaskedLM            predicts the hidden token at each masked position (pre-training)
                  SequenceClassifier  one label per sequence (fine-tuning: sentiment, topics, ...)
+                 CausalLM            predicts each next token from the ones before it (generation, GPT)
 
 Attention is ``softmax(Q Kᵀ / √d_k) V`` per head, written out in ``MultiHeadSelfAttention.attend``; the
 fused ``torch.nn.functional.scaled_dot_product_attention`` computes the same thing faster and is used when
 ``use_sdpa`` is true (a test checks the two agree). A padding mask keeps every position from attending to
-padding; an optional causal mask keeps it from attending to later positions (language modelling).
+padding; an optional causal mask keeps it from attending to later positions (language modelling). A
+language model's windows hold no padding (``pad_id`` None): its mask is the causal one alone, which the
+fused path applies without building a (T, T) mask tensor.
 
 A model spec (``model.json`` in every checkpoint) rebuilds the network:
-``{"name": "transformer", "head": "mlm" | "classify", "vocab_size", "max_len", "d_model", "n_layers",
+``{"name": "transformer", "head": "mlm" | "classify" | "lm", "vocab_size", "max_len", "d_model", "n_layers",
 "n_heads", "d_ff", "dropout", "pad_id", "num_classes", "pooling", "use_sdpa"}``.
 """
 from __future__ import annotations
@@ -44,21 +47,24 @@ class MultiHeadSelfAttention(nn.Module):
         self.dropout = dropout
         self.use_sdpa = use_sdpa
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
         """The written-out attention. q, k, v: (B, heads, T, d_k); allowed: bool (B, 1, T, T), True where a
-        query may look at a key. Returns (B, heads, T, d_k)."""
+        query may look at a key (None: causal only). Returns (B, heads, T, d_k)."""
+        if allowed is None:
+            T = q.shape[-2]
+            allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_k)  # (B, heads, T, T): how well each q matches each k
         scores = scores.masked_fill(~allowed, float("-inf"))    # softmax gives forbidden keys weight 0
         weights = torch.softmax(scores, dim=-1)
         weights = F.dropout(weights, self.dropout, self.training)
         return weights @ v
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, self.d_k).transpose(1, 2) for t in (q, k, v))
         if self.use_sdpa:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
             y = self.attend(q, k, v, allowed)
@@ -89,7 +95,7 @@ class Block(nn.Module):
         self.ffn = FeedForward(d_model, d_ff, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), allowed))
         return x + self.drop(self.ffn(self.ln2(x)))
 
@@ -98,7 +104,7 @@ class Encoder(nn.Module):
     """Embeddings + blocks + final LayerNorm: token ids (B, T) -> one vector per position (B, T, d_model)."""
 
     def __init__(self, vocab_size: int, max_len: int, d_model: int, n_layers: int, n_heads: int, d_ff: int,
-                 dropout: float, pad_id: int = 0, use_sdpa: bool = True):
+                 dropout: float, pad_id: int | None = 0, use_sdpa: bool = True):
         super().__init__()
         self.pad_id, self.max_len = pad_id, max_len
         self.tok = nn.Embedding(vocab_size, d_model)
@@ -107,8 +113,13 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff, dropout, use_sdpa) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
 
-    def attention_mask(self, ids: torch.Tensor, causal: bool) -> torch.Tensor:
-        """bool (B, 1, T, T): query i may attend to key j when j is a real token (and j <= i if causal)."""
+    def attention_mask(self, ids: torch.Tensor, causal: bool) -> torch.Tensor | None:
+        """bool (B, 1, T, T): query i may attend to key j when j is a real token (and j <= i if causal).
+        None for a causal model without padding: the attention applies the causal mask itself."""
+        if self.pad_id is None:
+            if not causal:
+                raise ValueError("an encoder without pad_id is a language model's: call it with causal=True")
+            return None
         allowed = (ids != self.pad_id)[:, None, None, :]
         if causal:
             T = ids.shape[1]
@@ -179,6 +190,25 @@ class SequenceClassifier(nn.Module):
         return self.classifier(self.drop(pooled))
 
 
+class CausalLM(nn.Module):
+    """Generation head (decoder-only, as GPT): every position attends only to itself and earlier ones, and
+    its vector scores the next token over the vocabulary with the token embedding matrix (tied weights, as
+    in MaskedLM; no bias, as in GPT-2)."""
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.apply(init_weights)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits: (N, vocab) for the positions whose label is not IGNORE_INDEX when ``labels``
+        (B, T) is given (training), else (B, T, vocab)."""
+        h = self.encoder(ids, causal=True)
+        if labels is not None:
+            h = h[labels != IGNORE_INDEX]
+        return h @ self.encoder.tok.weight.T
+
+
 def build(spec: dict) -> nn.Module:
     """The network a spec describes (weights freshly initialised)."""
     encoder = Encoder(spec["vocab_size"], spec["max_len"], spec["d_model"], spec["n_layers"], spec["n_heads"],
@@ -187,4 +217,6 @@ def build(spec: dict) -> nn.Module:
         return MaskedLM(encoder)
     if spec["head"] == "classify":
         return SequenceClassifier(encoder, spec["num_classes"], spec.get("dropout", 0.1), spec.get("pooling", "mean"))
-    raise ValueError(f"unknown transformer head {spec['head']!r} (known: mlm, classify)")
+    if spec["head"] == "lm":
+        return CausalLM(encoder)
+    raise ValueError(f"unknown transformer head {spec['head']!r} (known: mlm, classify, lm)")
