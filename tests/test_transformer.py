@@ -2,8 +2,9 @@
 
 Each test states a property the model must have and would fail if it did not: the written-out attention
 against the fused one and against numbers worked out by hand, padding and causal masking, the tied MLM
-output layer, BERT's masking proportions, weight decay groups, the LR schedule, learning, and gradient
-accumulation.
+output layer, BERT's masking proportions, weight decay groups, the LR schedule, learning, gradient
+accumulation, and generation (the key/value cache against recomputing the whole context, batched against
+one at a time, seeded sampling).
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from torch import nn
 
 from modelworks.data.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, mask_tokens
 from modelworks.models import build_model
-from modelworks.models.transformer import (IGNORE_INDEX, Encoder, MaskedLM, MultiHeadSelfAttention,
-                                           SequenceClassifier)
+from modelworks.models.generation import BatchedGenerator, generate, sample
+from modelworks.models.transformer import (IGNORE_INDEX, CausalLM, DecodeStep, Encoder, MaskedLM,
+                                           MultiHeadSelfAttention, SequenceClassifier)
 from modelworks.text_steps import eval_step, param_groups, train_step, warmup_cosine
 
 VOCAB = 40
@@ -306,3 +308,174 @@ def test_gradient_accumulation_equals_one_big_batch():
     # Control: the step did move the weights (the comparison is not between two untouched copies).
     fresh = SequenceClassifier(tiny_encoder(n_layers=1), num_classes=3, dropout=0.0).double()
     assert not torch.allclose(fresh.classifier.weight, one.classifier.weight)
+
+
+# ---------------------------------------------------------------------- language model and generation
+LM_MAX_LEN = 16
+
+
+def tiny_lm(use_sdpa: bool = True, seed: int = 0) -> CausalLM:
+    """A causal LM with weights ~ N(0, 0.3) instead of 0.02: large enough that its next-token scores are
+    far apart, so greedy generation wanders over several tokens instead of repeating one."""
+    torch.manual_seed(seed)
+    model = build_model({"name": "transformer", "head": "lm", "vocab_size": VOCAB, "max_len": LM_MAX_LEN,
+                         "d_model": 16, "n_layers": 2, "n_heads": 4, "d_ff": 32, "dropout": 0.0, "pad_id": None,
+                         "use_sdpa": use_sdpa})
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "written-out"])
+def test_lm_causal_mask_hides_later_tokens(use_sdpa):
+    model = tiny_lm(use_sdpa)
+    a = torch.tensor([[3, 7, 9, 11, 13, 15, 17, 19]])
+    b = a.clone()
+    b[0, 4] = 30  # change the 5th token
+    with torch.no_grad():
+        la, lb = model(a), model(b)
+        torch.testing.assert_close(la[:, :4], lb[:, :4], atol=1e-6, rtol=1e-6)  # earlier positions: unchanged
+        assert not torch.allclose(la[:, 4:], lb[:, 4:], atol=1e-3)                # it and later ones: changed
+        # The two attentions agree on the lm head too.
+        other = tiny_lm(not use_sdpa)
+        torch.testing.assert_close(other(a), la, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "written-out"])
+def test_kv_cache_steps_equal_the_full_forward(use_sdpa):
+    model = tiny_lm(use_sdpa)
+    ids = torch.randint(0, VOCAB, (1, LM_MAX_LEN), generator=torch.Generator().manual_seed(1))
+    step = DecodeStep(model)
+    with torch.no_grad():
+        full = model(ids)[0]  # (T, vocab): the logits after each position, all positions in one pass
+        cache, written_out = model.new_cache(1), model.new_cache(1)
+        prefilled = model.next_token_logits(ids[:, :5], cache)  # prefill 5 tokens, then one at a time
+        model.next_token_logits(ids[:, :5], written_out)
+        torch.testing.assert_close(prefilled[0], full[4], atol=1e-5, rtol=1e-5)
+        for t in range(5, LM_MAX_LEN):
+            through_modules = model.next_token_logits(ids[:, t:t + 1], cache)
+            torch.testing.assert_close(through_modules[0], full[t], atol=1e-5, rtol=1e-5)
+            # DecodeStep is the same arithmetic as the modules', operation for operation: bit for bit equal.
+            assert torch.equal(step(ids[:, t:t + 1], written_out), through_modules)
+        assert cache.lengths == written_out.lengths == [LM_MAX_LEN]
+        with pytest.raises(ValueError, match="max_len"):  # a cache holds max_len positions, no more
+            model.next_token_logits(ids[:, :1], cache)
+        # Rows at different positions in one batch (a mask then hides each row's unused slots): each row
+        # gets what it gets alone.
+        batches = model.new_cache(2), model.new_cache(2)
+        row0, row1 = model.new_cache(1), model.new_cache(1)
+        model.next_token_logits(ids[:, :3], row0)
+        model.next_token_logits(ids[:, :7], row1)
+        for batch in batches:
+            batch.replace_row(0, row0)
+            batch.replace_row(1, row1)
+        newest = torch.stack([ids[:, 3], ids[:, 7]])
+        both = model.next_token_logits(newest, batches[0])
+        torch.testing.assert_close(both, torch.stack([full[3], full[7]]), atol=1e-5, rtol=1e-5)
+        assert torch.equal(step(newest, batches[1]), both)
+        assert batches[0].lengths == batches[1].lengths == [4, 8]
+
+
+def test_training_forward_needs_no_cache():
+    """The cache is an inference-time addition: a training forward takes the causal-only fast path."""
+    model = tiny_lm()
+    ids = torch.randint(0, VOCAB, (2, LM_MAX_LEN), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    logits = model.train()(ids, labels)
+    assert logits.shape == (2 * LM_MAX_LEN, VOCAB) and logits.requires_grad
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "written-out"])
+def test_cached_generation_equals_full_prefix_generation(use_sdpa):
+    model = tiny_lm(use_sdpa)
+    n = 2 * LM_MAX_LEN + 20  # past max_len twice: the window restarts (and the cache is refilled) three times
+    for prompt in ([3, 5, 7], list(range(1, 25))):  # short, and longer than max_len
+        cached = list(generate(model, prompt, n, temperature=0))
+        recomputed = list(generate(model, prompt, n, temperature=0, use_cache=False))
+        assert cached == recomputed
+        assert len(cached) == n and len(set(cached)) >= 3  # not a single token repeated
+
+
+def test_batched_generator_equals_one_generation_at_a_time():
+    model = tiny_lm()
+    requests = [  # prompt, max_new_tokens, temperature, top_k, random_seed
+        ([3], 40, 1.0, None, 1),
+        ([4, 5, 6, 7, 8, 9, 10], 7, 0.8, 5, 2),
+        (list(range(2, 22)), 25, 1.5, None, 3),  # longer than max_len
+        ([11, 12], 1, 1.0, 3, 4),
+        ([13, 14, 15], 30, 0.0, None, None),     # greedy next to sampled rows
+        ([9, 8, 7, 6], 18, 1.2, 10, 5),
+    ]
+    expected = [list(generate(model, p, n, temperature=t, top_k=k, random_seed=s)) for p, n, t, k, s in requests]
+    batched = BatchedGenerator(model, max_batch=4)  # 6 requests: some wait for a place
+    got: dict[int, list[int]] = {}
+    order: list[int] = []
+    joins = {0: [0, 1], 3: [2, 3], 4: [4], 9: [5]}  # step -> requests added before it
+    step = 0
+    while step in joins or batched.active:
+        for r in joins.get(step, []):
+            order.append(batched.add(requests[r][0], requests[r][1], temperature=requests[r][2],
+                                     top_k=requests[r][3], random_seed=requests[r][4]))
+        outputs = batched.step()
+        assert len(outputs) <= 4
+        for handle, token, finished in outputs:
+            got.setdefault(handle, []).append(token)
+            assert finished == (len(got[handle]) == requests[order.index(handle)][1])
+        step += 1
+    assert [got[h] for h in order] == expected
+    assert batched.step() == []
+
+
+def test_batched_generator_cancel():
+    model = tiny_lm()
+    batched = BatchedGenerator(model, max_batch=1)
+    first = batched.add([3, 4], 10, random_seed=0)
+    second = batched.add([5], 3, temperature=0)
+    assert batched.active == 2
+    assert [h for h, _, _ in batched.step()] == [first]  # the second waits: max_batch is 1
+    batched.cancel(first)
+    assert batched.active == 1
+    tokens = [t for _ in range(3) for h, t, _ in batched.step()]
+    assert tokens == list(generate(model, [5], 3, temperature=0)) and batched.active == 0
+    batched.cancel(first)  # no longer active: nothing happens
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy():
+    model = tiny_lm()
+    a = list(generate(model, [3, 4], 30, temperature=1.0, random_seed=7))
+    assert a == list(generate(model, [3, 4], 30, temperature=1.0, random_seed=7))
+    assert a != list(generate(model, [3, 4], 30, temperature=1.0, random_seed=8))
+    greedy = list(generate(model, [3, 4], 30, temperature=0))
+    assert list(generate(model, [3, 4], 30, temperature=1.0, top_k=1, random_seed=9)) == greedy
+    assert a != greedy
+    assert all(0 <= t < VOCAB for t in a)
+
+
+def test_top_k_restricts_sampling_to_the_most_likely_tokens():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.5, -1.0])
+    g = torch.Generator().manual_seed(0)
+    drawn = {sample(logits, 5.0, 2, g) for _ in range(200)}  # a high temperature: without top_k all 5 appear
+    assert drawn == {1, 3}
+
+
+def test_generation_rejects_bad_input():
+    model = tiny_lm()
+    batched = BatchedGenerator(model)
+    for bad in ({"prompt": []}, {"prompt": [3, VOCAB]}, {"prompt": [-1]}, {"prompt": [1.5]},
+                {"temperature": -1.0}, {"temperature": float("nan")}, {"top_k": 0}):
+        args = {"prompt": [3, 4], "max_new_tokens": 5, **bad}
+        with pytest.raises(ValueError) as err:
+            generate(model, **args)  # raised at the call, not at the first token
+        assert "\n" not in str(err.value)
+        with pytest.raises(ValueError):
+            batched.add(**args)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [3], -1)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        batched.add([3], 0)
+    assert list(generate(model, [3], 0)) == []
+    with pytest.raises(ValueError, match="causal language model"):
+        generate(tiny_classifier(), [3], 5)
+    assert batched.active == 0

@@ -28,9 +28,11 @@ class DataConfig(_Strict):
     # text: sentences with labels in CSV/TSV/JSONL/Parquet (optionally .gz) at `path`, or, without `path`,
     #   <data-dir>/<name>/{train,validation,test}.<ext> as the dataset ships them (sst2).
     # sklearn: a table shipped inside scikit-learn, picked by `name` (SKLEARN_TABLES); offline.
+    # corpus: one plain-text file for a language model (`path`, or <data-dir>/<name>/input.txt); its first
+    #   1 - val_fraction of characters train and the rest validate, so validation is text the model never saw.
     # A table without image_column (and every sklearn table) is read column by column: each feature column
     # is numeric or categorical (inferred from its type, overridable below) and preprocessed on its own.
-    source: Literal["digits", "idx", "table", "text", "sklearn"] = "digits"
+    source: Literal["digits", "idx", "table", "text", "sklearn", "corpus"] = "digits"
     name: str = "digits"
     path: str | None = Field(None, description="table/text: training file; idx: folder holding the IDX files")
     val_path: str | None = Field(None, description="text: validation file (else carved from `path`)")
@@ -61,8 +63,9 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: Literal["mlp", "transformer"] = "mlp"
-    # regression: one output, a number in the label's units (tables only); classification: one per class.
-    task: Literal["classification", "regression"] = "classification"
+    # regression: one output, a number in the label's units (tables only); classification: one per class;
+    # language_model: a causal Transformer predicting each next token (data.source='corpus').
+    task: Literal["classification", "regression", "language_model"] = "classification"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # mlp
     hidden_sizes: list[int] = Field(default_factory=lambda: [256, 128])
@@ -71,7 +74,8 @@ class ModelConfig(_Strict):
     n_layers: int = Field(4, ge=1)
     n_heads: int = Field(4, ge=1)
     d_ff: int = Field(512, ge=8, description="width of the position-wise feed-forward layer")
-    max_len: int = Field(64, ge=4, description="tokens per text (with [CLS] and [SEP]); longer texts are truncated")
+    max_len: int = Field(64, ge=4, description="tokens per text (with [CLS] and [SEP]); longer texts are truncated. "
+                                               "language_model: the context (block size) it trains and generates with")
     vocab_size: int = Field(8000, ge=100, description="WordPiece vocabulary fitted on the training split")
     pooling: Literal["mean", "cls"] = "mean"
     use_sdpa: bool = Field(True, description="fused scaled_dot_product_attention; false = the written-out one")
@@ -85,6 +89,12 @@ class ModelConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
+    # language_model: training counts optimizer steps; without max_steps, `epochs` passes over the training
+    # text's tokens (batch_size windows of model.max_len per step).
+    max_steps: int | None = Field(None, ge=1, description="language_model: optimizer steps in all")
+    eval_every: int = Field(250, ge=1, description="language_model: evaluate and checkpoint every N steps")
+    eval_batches: int = Field(20, ge=1, description="language_model: validation batches per evaluation (the same "
+                                                    "windows every time, so the curve compares like with like)")
     batch_size: int = Field(64, ge=1, description="global batch: split across workers, as in the seed")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -134,12 +144,20 @@ class EvaluateConfig(_Strict):
     # Picks the best checkpoint (validation split only). Regression defaults to val_r2.
     metric: Literal["val_accuracy", "val_r2", "val_loss"] = "val_accuracy"
     batch_size: int = Field(1024, ge=1)
+    # language_model: report.md shows what the model writes after each prompt (greedy would loop; this samples
+    # with a fixed random seed, so the same checkpoint always shows the same text).
+    sample_prompts: list[str] = Field(default_factory=lambda: ["\n"], description="language_model: prompts for "
+                                                                                  "the report's samples")
+    sample_tokens: int = Field(300, ge=1, le=10_000, description="language_model: new tokens per sample")
+    sample_temperature: float = Field(0.8, ge=0.0, le=2.0)
+    sample_top_k: int | None = Field(None, ge=1)
 
 
-# Test metrics the registry gate can read, and which way is better (regression defaults to test_r2).
+# Metrics the registry gate can read, and which way is better (regression defaults to test_r2; a language
+# model, which has no test split, to val_loss on the whole validation text).
 GATE_METRICS = {"test_accuracy": "higher", "test_loss": "lower", "test_r2": "higher", "test_mae": "lower",
-                "test_rmse": "lower"}
-# Metrics that exist for one task only (losses exist for both).
+                "test_rmse": "lower", "val_loss": "lower"}
+# Metrics that exist for one task only (losses exist for all).
 TASK_METRICS = {"classification": {"val_accuracy", "test_accuracy"},
                 "regression": {"val_r2", "test_r2", "test_mae", "test_rmse"}}
 
@@ -149,7 +167,7 @@ class RegisterConfig(_Strict):
     model_name: str | None = Field(None, description="default: the workflow name")
     # The `production` alias moves only when the gate metric reaches its threshold and beats the current
     # production version by at least `gate_margin` (in the metric's units, in its better direction).
-    gate_metric: Literal["test_accuracy", "test_loss", "test_r2", "test_mae", "test_rmse"] = "test_accuracy"
+    gate_metric: Literal["test_accuracy", "test_loss", "test_r2", "test_mae", "test_rmse", "val_loss"] = "test_accuracy"
     gate_direction: Literal["auto", "higher", "lower"] = Field("auto", description="auto: higher for accuracy "
                                                                                    "and R², lower for errors")
     gate_threshold: float | None = Field(None, description="the gate metric must reach this (default: min_accuracy "
@@ -239,6 +257,10 @@ class ServeConfig(_Strict):
     max_inputs: int = Field(256, ge=1)
     max_text_chars: int = Field(2000, ge=1, description="text models: characters per text; a longer text is refused "
                                                         "(422), not truncated")
+    max_prompt_chars: int = Field(1000, ge=1, description="language models: characters per /generate prompt; a "
+                                                          "longer prompt is refused (422), not truncated")
+    max_new_tokens: int = Field(1000, ge=1, description="language models: the most tokens one /generate request "
+                                                        "may ask for (its max_new_tokens)")
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
     replica_cpus: float = Field(0.5, gt=0, description="CPUs reserved per replica (2 replicas fit in 1 CPU)")
@@ -285,13 +307,16 @@ class WorkflowConfig(_Strict):
     def _check_source(self) -> "WorkflowConfig":
         if self.data.source == "table" and not self.data.path:
             raise ValueError("data.path is required when data.source='table'")
-        text_data, text_model = self.data.source == "text", self.model.name == "transformer"
+        text_data, text_model = self.data.source in ("text", "corpus"), self.model.name == "transformer"
         if text_data != text_model:
             raise ValueError(f"model.name='{self.model.name}' does not read data.source='{self.data.source}': "
                              f"the transformer reads text, the mlp reads images and tables")
+        if (self.data.source == "corpus") != (self.model.task == "language_model"):
+            raise ValueError("a language model (model.task='language_model') reads data.source='corpus', and a "
+                             "corpus trains only a language model: set both or neither")
         if list(self.steps) != [s for s in STEPS if s in self.steps] or "train" not in self.steps:
             raise ValueError(f"steps {self.steps}: need 'train', each step once, in the order {list(STEPS)}")
-        if "pretrain" in self.steps and not text_model:
+        if "pretrain" in self.steps and (not text_model or self.model.task == "language_model"):
             raise ValueError("steps: 'pretrain' (masked-language modelling) needs model.name='transformer'")
         if "register" in self.steps and "evaluate" not in self.steps:
             raise ValueError("steps: 'register' needs 'evaluate' (the gate reads the test metrics)")
@@ -306,6 +331,9 @@ class WorkflowConfig(_Strict):
 
     def _check_task(self) -> None:
         """Loss, selection metric and gate metric must fit model.task; their defaults follow it."""
+        if self.model.task == "language_model":
+            self._check_language_model()
+            return
         regression = self.model.task == "regression"
         if regression and not is_tabular(self.data):
             raise ValueError(f"model.task='regression' needs table data (data.source='table' or 'sklearn'), not "
@@ -334,6 +362,26 @@ class WorkflowConfig(_Strict):
         if regression and self.registry.min_accuracy > 0:
             raise ValueError("registry.min_accuracy is for classification; a regression gate uses "
                              "registry.gate_threshold (e.g. --set registry.gate_threshold=0.4 with test_r2)")
+
+    def _check_language_model(self) -> None:
+        """A language model is judged by its loss: the defaults move to val_loss, anything else is an error."""
+        for section, field, default in ((self.evaluate, "metric", "val_accuracy"),
+                                        (self.registry, "gate_metric", "test_accuracy")):
+            value = getattr(section, field)
+            if value == default:
+                object.__setattr__(section, field, "val_loss")
+            elif value != "val_loss":
+                name = "evaluate" if section is self.evaluate else "registry"
+                raise ValueError(f"{name}.{field}='{value}': a language model is selected and gated on val_loss")
+        if self.registry.min_accuracy > 0:
+            raise ValueError("registry.min_accuracy is for classification; gate a language model with "
+                             "registry.gate_threshold on val_loss (e.g. --set registry.gate_threshold=2.0)")
+        if self.train.loss not in ("auto", "cross_entropy"):
+            raise ValueError(f"train.loss='{self.train.loss}': a language model trains with cross_entropy")
+        if self.train.optimizer == "adam":  # the default; decoupled weight decay is what GPT training uses
+            object.__setattr__(self.train, "optimizer", "adamw")
+        elif self.train.optimizer != "adamw":
+            raise ValueError(f"train.optimizer='{self.train.optimizer}': a language model trains with adamw")
 
     def digest(self) -> str:
         """Short stable hash of the config: names runs so the same command resumes the same run."""

@@ -141,6 +141,8 @@ class _TrainingView:
         self.t0 = time.perf_counter()
         self.epochs = 0
         self.unit = "samples"
+        self.steps: int | None = None   # trained by optimizer steps (a language model): the total
+        self.batches: int | None = None
         self.progress: Progress | None = None
         self._task = None
 
@@ -148,13 +150,13 @@ class _TrainingView:
         if not self.console.live or self.console._rich is None or self.progress is not None:
             return
         self.progress = Progress(
-            TextColumn("      {task.fields[label]} epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            TextColumn("      {task.fields[label]} {task.fields[where]}"),
             BarColumn(bar_width=24), TextColumn("{task.completed}/{task.total} batches"),
             TextColumn("{task.fields[rate]}"), TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
             # Not rich's default of routing sys.stdout/stderr above the bar: that is where Ray prints.
             console=self.console._rich, transient=True, redirect_stdout=False, redirect_stderr=False)
-        self._task = self.progress.add_task("train", total=None, label=self.label, epoch="-",
-                                            epochs=self.epochs, rate="", loss="-")
+        self._task = self.progress.add_task("train", total=None, label=self.label, where="",
+                                            rate="", loss="-")
         self.progress.start()
 
     def on_event(self, event: dict) -> None:
@@ -164,22 +166,29 @@ class _TrainingView:
             if self.starts == 1:
                 self.console.trainer_startup_s[self.label or "train"] = round(time.perf_counter() - self.t0, 2)
             self.epochs, self.unit = event["epochs"], event.get("unit", "samples")
+            self.steps, self.batches = event.get("steps"), event.get("batches")
             if self.starts > 1:  # the worker group died and Ray Train started a new one from the checkpoint
                 done = event["first_epoch"] - 1
-                origin = f"checkpoint_epoch={done}" if done else "the start (no checkpoint yet)"
+                name = f"checkpoint_step={done * self.batches}" if self.steps else f"checkpoint_epoch={done}"
+                origin = name if done else "the start (no checkpoint yet)"
                 self.console.event(f"      a training worker died; training resumed from {origin} "
                                    f"(attempt {self.starts} of {self.max_attempts})")
             self._bar()
             if self.progress is not None:
                 self.progress.update(self._task, total=event.get("batches"), completed=0,
-                                     epoch=event["first_epoch"], epochs=self.epochs)
+                                     where=self._where(event["first_epoch"], 0))
         elif kind == "batch" and self.progress is not None:
-            self.progress.update(self._task, completed=event["batch"], epoch=event["epoch"],
+            self.progress.update(self._task, completed=event["batch"], where=self._where(event["epoch"], event["batch"]),
                                  rate=f"{event['rate']:,.0f} {self.unit}/s", loss=f"{event['loss']:.4f}")
         elif kind == "epoch":
-            self.console(epoch_line(self.label, event, self.epochs, self.unit))
+            self.console(epoch_line(self.label, event, self.epochs, self.unit, self.steps))
             if self.progress is not None:
-                self.progress.update(self._task, completed=0, epoch=min(event["epoch"] + 1, self.epochs))
+                self.progress.update(self._task, completed=0, where=self._where(min(event["epoch"] + 1, self.epochs), 0))
+
+    def _where(self, epoch: int, batch: int) -> str:
+        if self.steps:
+            return f"step {min((epoch - 1) * (self.batches or 0) + batch, self.steps)}/{self.steps}"
+        return f"epoch {epoch}/{self.epochs}"
 
     def close(self) -> None:
         if self.progress is not None:
@@ -187,15 +196,19 @@ class _TrainingView:
             self.progress = None
 
 
-def epoch_line(label: str, m: dict, epochs: int, unit: str) -> str:
-    """One epoch, as both the console and the worker's own log print it."""
+def epoch_line(label: str, m: dict, epochs: int, unit: str, steps: int | None = None) -> str:
+    """One epoch (or, for a model trained by steps, one evaluation), as both the console and the worker's
+    own log print it."""
     prefix = f"{label} " if label else ""
-    if "val_r2" in m:
+    where = f"step {m['step']}/{steps}" if steps else f"epoch {m['epoch']}/{epochs}"
+    if "val_perplexity" in m:
+        score = f"val_ppl={m['val_perplexity']:.2f}"
+    elif "val_r2" in m:
         score = f"val_r2={m['val_r2']:.4f}  val_mae={m['val_mae']:.4g}"
     else:
         score = f"val_acc={m['val_accuracy']:.4f}"
     rate = m.get("tokens_per_s") if unit == "tokens" else m.get("samples_per_s")
-    return (f"      {prefix}epoch {m['epoch']}/{epochs}  train_loss={m['train_loss']:.4f}  "
+    return (f"      {prefix}{where}  train_loss={m['train_loss']:.4f}  "
             f"val_loss={m['val_loss']:.4f}  {score}  {rate or 0:,.0f} {unit}/s")
 
 

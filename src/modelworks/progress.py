@@ -4,7 +4,8 @@
 
 Events are small dicts with a ``kind``:
 - ``start``: the worker group (re)started the step: ``step``, ``epochs``, ``first_epoch`` (>1 when it
-  resumed from a checkpoint), ``batches`` per epoch, ``unit`` (samples or tokens);
+  resumed from a checkpoint), ``batches`` per epoch, ``unit`` (samples or tokens), ``steps`` (a model
+  trained by optimizer steps: the total; its epochs are then evaluation rounds of ``batches`` steps);
 - ``batch``: inside an epoch, at most every ``BATCH_EVERY_S``: ``epoch``, ``batch``, ``rate``, ``loss``;
 - ``epoch``: an epoch's metrics as ``ray.train.report`` gets them.
 
@@ -49,8 +50,11 @@ class WorkerProgress:
         if self._board is not None:
             self._board.push.remote({"step": self._step, **event})  # Ray: fire and forget
 
-    def start(self, epochs: int, first_epoch: int, batches: int | None, unit: str = "samples") -> None:
-        self._push(kind="start", epochs=epochs, first_epoch=first_epoch, batches=batches, unit=unit)
+    def start(self, epochs: int, first_epoch: int, batches: int | None, unit: str = "samples",
+              steps: int | None = None) -> None:
+        """``steps``: training counted in optimizer steps (a language model); its "epochs" are then the
+        evaluation rounds of ``batches`` steps each."""
+        self._push(kind="start", epochs=epochs, first_epoch=first_epoch, batches=batches, unit=unit, steps=steps)
 
     def batch(self, epoch: int, batch: int, rate: float, loss: float) -> None:
         now = time.monotonic()

@@ -32,7 +32,8 @@ from modelworks.errors import UserError
 from modelworks.models import build_model
 from modelworks.progress import FollowProgress, WorkerProgress
 
-CKPT_RE = re.compile(r"^checkpoint_epoch=(\d+)$")
+# checkpoint_epoch=N (epochs) or checkpoint_step=N (language models, which train by steps)
+CKPT_RE = re.compile(r"^checkpoint_(?:epoch|step)=(\d+)$")
 # Logical CPUs kept free for Ray Data's read/map tasks (each asks for 1 CPU): without them, training
 # workers holding every CPU wait forever for their own input (seen on 2 cores, see ray-notes.md).
 DATA_CPUS = 1.0
@@ -256,7 +257,7 @@ def ray_is_local() -> bool:
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, by epoch (a directory without valid sums is skipped)."""
+    """Complete checkpoints of a run, by epoch or step (a directory without valid sums is skipped)."""
     found = []
     if run_dir.is_dir():
         for p in run_dir.iterdir():
@@ -267,7 +268,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def resume_epoch(run_dir: Path) -> int:
-    """The epoch Train V2 will resume after: its snapshot's latest checkpoint (0 when starting fresh)."""
+    """The epoch (or step) Train V2 will resume after: its snapshot's latest checkpoint (0 when starting fresh)."""
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     if snapshot.is_file():
         latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}

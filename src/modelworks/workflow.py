@@ -8,6 +8,7 @@ running one from its last checkpoint:
     runs/<run>/preprocessor/         text: the fitted tokenizer + label map (reused on resume)
     runs/<run>/pretrain/checkpoint_epoch=N   the pre-training step (text)
     runs/<run>/checkpoint_epoch=N    the train (fine-tune) step
+    runs/<run>/checkpoint_step=N     the train step of a language model (trained by steps)
     runs/<run>/evaluation/           report.md, metrics, plots
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import ray
 
 from modelworks import checkpoint, ray_private
@@ -27,6 +29,8 @@ from modelworks import registry as registry_mod
 from modelworks import train
 from modelworks.config import WorkflowConfig
 from modelworks.console import Console
+from modelworks.data import chars as chars_mod
+from modelworks.data import corpus as corpus_mod
 from modelworks.data import preprocess, sources
 from modelworks.data import text as text_data
 from modelworks.errors import UserError
@@ -52,6 +56,8 @@ class RunResult:
     test_rmse: float | None = None
     step_seconds: dict = field(default_factory=dict)  # wall time of each step, in order
     trainer_startup_s: dict = field(default_factory=dict)  # per training step: Ray Train start to first step
+    val_loss: float | None = None        # language models: next-token loss on the whole validation text
+    val_perplexity: float | None = None
 
 
 def ensure_ray(num_cpus: int | None = None) -> str:
@@ -203,10 +209,18 @@ def run_workflow(cfg: WorkflowConfig, *, run_name: str | None = None, data_dir: 
     registers = f"registers as '{model_name(cfg)}'" if "register" in steps and cfg.registry.enabled else "registers nothing"
     console.header(f"{cfg.name} ({registers})", run_name, describe_ray(how), cfg.train.workers)
 
+    language_model = cfg.model.task == "language_model"
     with console.step(number["ingest"], "ingest") as step:
-        src = sources.load_source(cfg.data, data_dir)
-        step["result"] = f"{cfg.data.source} '{cfg.data.name}'" + (f" ({cfg.data.path})" if cfg.data.path else "")
-    if cfg.model.name == "transformer":
+        if language_model:
+            src = corpus_mod.read_corpus(cfg.data, sources.data_dir(data_dir), cfg.model.max_len)
+            step["result"] = (f"corpus {src.path}: {len(src.train):,} training and {len(src.val):,} validation "
+                              f"characters")
+        else:
+            src = sources.load_source(cfg.data, data_dir)
+            step["result"] = f"{cfg.data.source} '{cfg.data.name}'" + (f" ({cfg.data.path})" if cfg.data.path else "")
+    if language_model:
+        best = _language_model_steps(cfg, src, run_dir, number, console)
+    elif cfg.model.name == "transformer":
         best = _text_steps(cfg, src, run_dir, number, console)
     else:
         with console.step(number["preprocess"], "preprocess") as step:
@@ -224,7 +238,14 @@ def run_workflow(cfg: WorkflowConfig, *, run_name: str | None = None, data_dir: 
 
     regression = cfg.model.task == "regression"
     metrics, eval_dir = {}, run_dir / "evaluation"
-    if "evaluate" in steps:
+    if "evaluate" in steps and language_model:
+        with console.step(number["evaluate"], "evaluate") as step:
+            from modelworks import evaluate_lm
+
+            metrics = evaluate_lm.evaluate_language_model(best, src.val, eval_dir, run_name)
+            step["result"] = (f"val loss {metrics['val_loss']:.4f}, perplexity {metrics['val_perplexity']:.2f} "
+                              f"(the whole validation text, {metrics['val_tokens']:,} tokens), {best.name}")
+    elif "evaluate" in steps:
         with console.step(number["evaluate"], "evaluate") as step:
             test = src.arrays["test"] if src.arrays is not None else src.splits["test"]
             metrics = evaluate_checkpoint(best, test, eval_dir, run_name,
@@ -236,17 +257,19 @@ def run_workflow(cfg: WorkflowConfig, *, run_name: str | None = None, data_dir: 
     model_ref, production = "", False
     if "register" in steps and cfg.registry.enabled:
         with console.step(number["register"], "register") as step:
-            name, version, production = register_result(cfg, run_name, best, eval_dir, metrics)
+            extra = {k: metrics[k] for k in ("val_loss", "val_perplexity")} if language_model else None
+            name, version, production = register_result(cfg, run_name, best, eval_dir, metrics, extra)
             model_ref = f"{name}@{version}"
             step["result"] = model_ref + (" (production)" if production else
                                           f" (production unchanged: did not pass the {cfg.registry.gate_metric} gate)")
     best_metrics = json.loads((best / "metrics.json").read_text())
-    result = RunResult(run_name, str(run_dir), str(best), best_metrics.get("val_accuracy"),
-                       metrics.get("test_accuracy", None if regression else float("nan")), model_ref,
+    result = RunResult(run_name, str(run_dir), str(best), None if language_model else best_metrics.get("val_accuracy"),
+                       metrics.get("test_accuracy", None if regression or language_model else float("nan")), model_ref,
                        str(eval_dir / "report.md"), production, round(time.time() - t0, 1), cfg.model.task,
                        best_metrics.get("val_r2"), metrics.get("test_r2"), metrics.get("test_mae"),
                        metrics.get("test_rmse"), step_seconds={k: round(v, 2) for k, v in console.step_seconds.items()},
-                       trainer_startup_s=console.trainer_startup_s)
+                       trainer_startup_s=console.trainer_startup_s, val_loss=metrics.get("val_loss"),
+                       val_perplexity=metrics.get("val_perplexity"))
     (run_dir / "run_summary.json").write_text(result_json(result, indent=2))
     return result
 
@@ -344,6 +367,29 @@ def _text_steps(cfg: WorkflowConfig, src: sources.Source, run_dir: Path, number:
         datasets = {s: pre.apply(src.splits[s]) for s in ("train", "val")}
         train_text.fit_text(cfg, "classify", datasets, pre, spec, run_dir.parent, run_dir.name,
                             init_encoder=init_encoder, log=console)
+        best = train.best_checkpoint(run_dir, cfg.evaluate.metric)
+        step["result"] = _best_line(best, cfg)
+    return best
+
+
+# ------------------------------------------------------------------------------------ language model
+def _language_model_steps(cfg: WorkflowConfig, corpus: corpus_mod.Corpus, run_dir: Path, number: dict,
+                          console: Console) -> Path:
+    """preprocess (the character vocabulary of the training text) -> train by steps; returns the checkpoint
+    with the lowest validation loss."""
+    from modelworks import train_lm  # Ray Train for language models; other runs never import it
+
+    with console.step(number["preprocess"], "preprocess") as step:
+        pre = chars_mod.fit(corpus.train)
+        # One byte per token when the vocabulary allows: the ids travel to every worker.
+        dtype = np.uint8 if pre.vocab_size <= 256 else np.int32
+        ids = {"train": pre.encode(corpus.train).astype(dtype), "val": pre.encode(corpus.val).astype(dtype)}
+        step["result"] = f"{pre.vocab_size} characters fitted on the training text"
+    steps = train_lm.total_steps(cfg, len(ids["train"]))
+    spec = train_lm.lm_model_spec(cfg, pre)
+    with console.step(number["train"], "train", f"causal LM, {cfg.train.workers} worker(s), {steps} steps of "
+                      f"{cfg.train.batch_size}x{cfg.model.max_len} tokens", announce=True) as step:
+        train_lm.fit_lm(cfg, ids["train"], ids["val"], pre, spec, run_dir.parent, run_dir.name, log=console)
         best = train.best_checkpoint(run_dir, cfg.evaluate.metric)
         step["result"] = _best_line(best, cfg)
     return best

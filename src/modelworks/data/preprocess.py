@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import ray
 import torch
 
 from modelworks.errors import DataError
+
+if TYPE_CHECKING:  # only annotations: loading a checkpoint (serving, `modelworks generate`) never imports Ray
+    import ray
 
 
 class JsonFields:

@@ -11,6 +11,10 @@
   checkpoint's own tokenizer, one batch at a time (padded to the batch's longest text); table models take
   named columns, preprocessed in the replica by the checkpoint's own per-column statistics. A regression
   model answers with a number (``value``) instead of a label and probabilities.
+* A language model (``head: "lm"``) answers ``POST /generate`` only (see ``generate_schemas``): every generation of
+  a replica runs through ONE ``BatchedGenerator`` (one forward pass per step for all active sequences), stepped by
+  a background asyncio task in a single worker thread, so forward passes never block the event loop; each request
+  receives its tokens through its own asyncio.Queue, and a client that goes away cancels its sequence.
 """
 
 import asyncio
@@ -19,6 +23,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +31,14 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelworks.config import ServeConfig
-from modelworks.serve import schemas
+from modelworks.serve import generate_schemas, schemas
+from modelworks.serve.generate_schemas import GenerateSpec
+from modelworks.serve.generation_engine import GenerationEngine
 from modelworks.serve.schemas import InputError, InputSpec, TableSpec, TextSpec
 
 log = logging.getLogger("ray.serve")
@@ -45,9 +52,17 @@ class Served:
     name: str
     version: int
     model: Any            # checkpoint.LoadedModel
-    spec: InputSpec | TextSpec | TableSpec
+    spec: InputSpec | TextSpec | TableSpec | GenerateSpec
     class_names: tuple[str, ...]
     loaded_at: float
+
+    @property
+    def language_model(self) -> bool:
+        return isinstance(self.spec, GenerateSpec)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
 
 
 def load_served(ref: str, registry: str | None, cfg: ServeConfig) -> Served:
@@ -58,7 +73,10 @@ def load_served(ref: str, registry: str | None, cfg: ServeConfig) -> Served:
     name, version = reg.resolve(ref)
     loaded, version = reg.load(f"{name}@{version}")
     source = (loaded.config.get("data") or {}).get("source")
-    spec = schemas.spec_for(loaded.preprocessor, source, cfg.max_inputs, cfg.max_text_chars)
+    if loaded.spec.get("head") == "lm":  # a language model: /generate, with its character vocabulary
+        spec = GenerateSpec(loaded.preprocessor.chars, cfg.max_prompt_chars, cfg.max_new_tokens)
+    else:
+        spec = schemas.spec_for(loaded.preprocessor, source, cfg.max_inputs, cfg.max_text_chars)
     return Served(ref, name, version, loaded, spec, tuple(map(str, loaded.class_names)), time.time())
 
 
@@ -82,7 +100,7 @@ def _server_version() -> str:
 api = FastAPI(
     title="modelworks",
     description="A registered model served by Ray Serve. POST /predict, or the Open Inference Protocol (v2) "
-                "under /v2. Errors are JSON: {error, field, expected, status}.",
+                "under /v2; a language model: POST /generate. Errors are JSON: {error, field, expected, status}.",
     version="1",
 )
 
@@ -90,8 +108,9 @@ api = FastAPI(
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     field = "path" if exc.status_code == 404 else "method"
-    expected = ("one of /predict, /healthz, /readyz, /docs, /v2/health/live, /v2/health/ready, /v2/models/{name}, "
-                "/v2/models/{name}/ready, /v2/models/{name}/infer") if exc.status_code == 404 else "see /docs"
+    expected = ("one of /predict, /generate, /healthz, /readyz, /docs, /v2/health/live, /v2/health/ready, "
+                "/v2/models/{name}, /v2/models/{name}/ready, /v2/models/{name}/infer") \
+        if exc.status_code == 404 else "see /docs"
     return _json({"error": f"{field}: {exc.detail}; expected {expected}", "field": field, "expected": expected,
                   "status": exc.status_code}, exc.status_code)
 
@@ -121,6 +140,8 @@ class ModelServer:
         self._registry: str | None = None
         self._poller: asyncio.Task | None = None
         self._swap_lock = asyncio.Lock()
+        self._engine: GenerationEngine | None = None
+        self._generate_thread: ThreadPoolExecutor | None = None
         self.infer_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.infer_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
@@ -165,6 +186,12 @@ class ModelServer:
         """For operators and tests through a DeploymentHandle (not exposed over HTTP)."""
         s = self.served
         return {"pid": os.getpid(), "model": s.name if s else None, "version": s.version if s else None}
+
+    def generation_info(self) -> dict:
+        """The current generation engine's counters (sequences active now, steps, started, completed,
+        cancelled, max_active), for operators and tests through a DeploymentHandle."""
+        e = self._engine
+        return {"active": e.active, **e.stats} if e else {"active": 0}
 
     # -- batching --------------------------------------------------------------------------------------
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
@@ -235,6 +262,8 @@ class ModelServer:
     async def predict(self, request: Request) -> Response:
         try:
             served = self._ready()
+            if served.language_model:
+                raise generate_schemas.wrong_endpoint(served.label, True, "/predict")
             body, raw, _ = await self._body(request)
             x = schemas.parse_predict(body, served.spec, raw)
             served, probs = await self._infer(x)
@@ -248,6 +277,56 @@ class ModelServer:
                       "probabilities": dict(zip(names, map(float, row))), "model_version": served.version}
                      for k, row in zip(probs.argmax(axis=1), probs)]
         return _json({"model": served.name, "model_version": served.version, "predictions": preds})
+
+    # Language models ----------------------------------------------------------------------------------------
+    def _engine_for(self, served: Served) -> GenerationEngine:
+        """The engine of the model being served: a model swap starts a new one for new requests, while the
+        old one finishes the generations it holds on the model they started with."""
+        if self._engine is None or self._engine.served is not served:
+            if self._generate_thread is None:
+                self._generate_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mw-generate")
+            self._engine = GenerationEngine(served, max(1, self.cfg.max_batch_size), self._generate_thread)
+        return self._engine
+
+    @api.post("/generate", openapi_extra=_openapi_body(generate_schemas.GenerateRequest),
+              responses={200: {"model": generate_schemas.GenerateResponse,
+                               "content": {"text/plain": {"schema": {"type": "string"},
+                                                          "description": "with stream: the new characters, "
+                                                                         "chunked as they are generated"}}},
+                         400: {"model": schemas.ErrorResponse, "description": "not a language model"},
+                         422: {"model": schemas.ErrorResponse}, 503: {"model": schemas.ErrorResponse}})
+    async def generate(self, request: Request) -> Response:
+        try:
+            served = self._ready()
+            if not served.language_model:
+                raise generate_schemas.wrong_endpoint(served.label, False, "/generate")
+            body, _, _ = await self._body(request)
+            params = generate_schemas.parse_generate(body, served.spec)
+            ids = served.model.preprocessor.encode(params.prompt).tolist()
+        except InputError as err:
+            return _error(err)
+        engine = self._engine_for(served)
+        decode = served.model.preprocessor.decode
+        if params.stream:
+            async def chunks():
+                async for tokens in engine.stream(params, ids):
+                    yield decode(tokens)
+
+            return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8",
+                                     headers={generate_schemas.MODEL_HEADER: served.label,
+                                              "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        out: list[int] = []
+        try:
+            async with asyncio.timeout(self.cfg.request_timeout_s):
+                async for tokens in engine.stream(params, ids):
+                    out += tokens
+        except TimeoutError:
+            return _error(InputError(503, "request", f"timed out after {self.cfg.request_timeout_s}s (server busy)",
+                                     "a retry later, fewer max_new_tokens, or stream=true"))
+        except Exception as err:  # noqa: BLE001 - the model failed (inputs were checked): a server error, one line
+            return _json({"error": f"model: {err}", "field": "model", "expected": "a retry later",
+                          "status": 500}, 500)
+        return _json({"model": served.label, "prompt": params.prompt, "text": decode(out), "tokens": len(out)})
 
     @api.get("/healthz")
     async def healthz(self) -> Response:
@@ -285,6 +364,12 @@ class ModelServer:
 
     def _metadata(self, s: Served) -> dict:
         params: dict[str, Any] = {"class_names": list(s.class_names)}
+        if s.language_model:  # not v2-inferable: described for discovery, answered at POST /generate
+            return {"name": s.name, "versions": [str(s.version)], "platform": "pytorch_safetensors",
+                    "inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1]}],
+                    "outputs": [{"name": "text", "datatype": "BYTES", "shape": [1]}],
+                    "parameters": {"task": "language_model", "endpoint": "POST /generate",
+                                   "vocab_size": s.spec.vocab_size}}
         if isinstance(s.spec, TextSpec):
             tensor = {"name": "input", "datatype": "BYTES", "shape": [-1]}
         elif isinstance(s.spec, TableSpec):
@@ -325,6 +410,8 @@ class ModelServer:
     async def _v2_infer(self, request: Request, name: str, version: str | None) -> Response:
         try:
             s = self._model(name, version)
+            if s.language_model:
+                raise generate_schemas.wrong_endpoint(s.label, True, "/v2/models/{name}/infer")
             body, raw, binary = await self._body(request, binary_ok=True)
             x, req_id, _ = schemas.parse_v2_infer(body, s.spec, raw, binary)
             names = schemas.v2_output_names(s.spec)
