@@ -120,3 +120,19 @@ def test_killed_run_resumes_from_its_step_checkpoint_and_matches_an_uninterrupte
     assert [s["prompt"] for s in metrics["samples"]] == ["ROMEO:", "JULIET:\n"]
     assert summary["model"] == "shakespeare@1" and Registry().info("shakespeare", 1)["val_loss"] == summary["val_loss"]
     assert [p.name for _, p in list_checkpoints(run_dir)][-1] == "checkpoint_step=600"
+
+
+@pytest.mark.ray
+def test_two_workers_train_one_model_with_ddp(ray_local, modelworks_home):
+    """Each rank draws its own windows (half the global batch) and evaluates its share of the validation
+    windows; DDP keeps one model, and the sums across ranks make one validation loss."""
+    data = require_dataset("tiny-shakespeare").parent
+    cfg = apply_overrides(load_workflow(REPO / "workflows/shakespeare.py"),
+                          [*TINY, "train.max_steps=40", "train.eval_every=20", "train.workers=2",
+                           "train.max_failures=0", 'steps=["train"]'])
+    result = run_workflow(cfg, run_name="ddp", data_dir=str(data), log=lambda line: None)
+    history = json.loads((Path(result.checkpoint) / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history] == [20, 40]
+    assert history[-1]["val_loss"] < math.log(65)
+    # 2 ranks x 6 windows x 32 tokens per step, counted across ranks
+    assert history[-1]["tokens_per_s"] > 0 and checkpoint.load(result.checkpoint).spec["head"] == "lm"
