@@ -2,7 +2,7 @@
 
 Tune copies its state to the search directory in a background thread, rewriting the files in place, so a
 kill can land mid-copy (once on CI: the resume then knew 1 of 4 trials). The test tears Tune's copy the way
-such a kill does, so `--resume` has to work from the copy modelworks keeps (tune_state.py) every time.
+such a kill does, so `--resume` has to work from the copy modelworks keeps (modelworks/tune/state.py) every time.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""tune_state: the whole copy of Tune's driver state that `--resume` restores (no Ray cluster needed)."""
+"""tune/state.py: the whole copy of Tune's driver state that `--resume` restores (no Ray cluster needed)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from modelworks.tune_state import MIRROR_DIR, mirror, restore_mirror
+from modelworks.tune.state import MIRROR_DIR, mirror, restore_mirror
 
 S1, S2 = "2026-11-28_19-02-06", "2026-11-28_19-05-44"
 

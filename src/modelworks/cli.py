@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands: each has add_commands(subparsers), whose parsers set `func`.
-EXTRA_COMMAND_MODULES = ("modelworks.serve.cli", "modelworks.tune")
+EXTRA_COMMAND_MODULES = ("modelworks.serve.cli", "modelworks.tune.cli")
 
 
 def main(argv: list[str] | None = None) -> int:

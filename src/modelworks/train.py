@@ -23,7 +23,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from modelworks import checkpoint
+from modelworks import checkpoint, ray_private
 from modelworks.console import Console, epoch_line
 from modelworks.config import WorkflowConfig
 from modelworks.data import preprocess
@@ -269,13 +269,8 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def resume_epoch(run_dir: Path) -> int:
     """The epoch (or step) Train V2 will resume after: its snapshot's latest checkpoint (0 when starting fresh)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if snapshot.is_file():
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-        m = CKPT_RE.match(latest.get("checkpoint_dir_name", ""))
-        if m:
-            return int(m.group(1))
-    return 0
+    m = CKPT_RE.match(ray_private.latest_train_checkpoint(run_dir) or "")
+    return int(m.group(1)) if m else 0
 
 
 def best_checkpoint(run_dir: Path, metric: str = "val_accuracy") -> Path:

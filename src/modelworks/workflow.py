@@ -14,8 +14,6 @@ running one from its last checkpoint:
 from __future__ import annotations
 
 import json
-import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Callable
 import numpy as np
 import ray
 
-from modelworks import checkpoint, ray_private
+from modelworks import checkpoint
 from modelworks import registry as registry_mod
 from modelworks import train
 from modelworks.config import WorkflowConfig
@@ -35,7 +33,9 @@ from modelworks.data import preprocess, sources
 from modelworks.data import text as text_data
 from modelworks.errors import UserError
 from modelworks.evaluate import evaluate_checkpoint
-from modelworks.serve import apply_serve_env
+from modelworks.runtime import ensure_ray, runs_root  # noqa: F401 - also imported from here by benches and tests
+from modelworks.steps import (describe_preprocessor, fit_preprocessor, model_name, passes_gate,  # noqa: F401
+                              register_result)
 
 
 @dataclass
@@ -60,42 +60,6 @@ class RunResult:
     val_perplexity: float | None = None
 
 
-def ensure_ray(num_cpus: int | None = None) -> str:
-    """Connect to Ray; returns how, for the console. In order: the cluster RAY_ADDRESS names (``ray job
-    submit`` sets it); a cluster already running on this machine (``ray start --head``: a run then starts in
-    about a second, not ~5); else a private local one (MODELWORKS_JOIN_RAY=0 always starts a private one).
-
-    address="local" never joins a stale cluster left in /tmp/ray by a killed process (see ray-notes.md).
-    """
-    if ray.is_initialized():
-        return "Ray (connected before)"
-    # Train V2's controller picks up each epoch's report on its poll; the 2 s default adds ~2 s per epoch.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    if not os.environ.get("RAY_ADDRESS"):  # one machine: no spot node to be preempted; one process less to start
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    running = None if os.environ.get("RAY_ADDRESS") or os.environ.get("MODELWORKS_JOIN_RAY") == "0" \
-        else ray_private.running_cluster_address()
-    # A workflow that deploys its model (`run --serve`) gets Serve's fast ingress (see modelworks/serve).
-    apply_serve_env(local=not (os.environ.get("RAY_ADDRESS") or running))
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
-        how = f"Ray at {os.environ['RAY_ADDRESS']}"
-    elif running:  # Train V2 hands RAY_TRAIN_* variables set here on to its controller and workers
-        # "auto" reads the same file; an explicit host:port of a local `ray start` is refused on 2.60.
-        ray.init(address="auto", logging_level=logging.WARNING)
-        how = f"Ray running on this machine ({running})"
-    else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 logging_level=logging.WARNING)
-        how = "Ray local (started for this run)"
-    ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("MODELWORKS_PROGRESS", "1") == "1"
-    return how
-
-
-def runs_root() -> Path:
-    return registry_mod.home() / "runs"
-
-
 def default_run_name(cfg: WorkflowConfig) -> str:
     """Deterministic, so rerunning the same command resumes the same run."""
     return f"{cfg.name}-{cfg.digest()}"
@@ -111,76 +75,6 @@ def _claim_run_dir(run_dir: Path, cfg: WorkflowConfig) -> None:
     saved.write_text(json.dumps(current, indent=2))
 
 
-def passes_gate(value: float, threshold: float | None, production: float | None, better: str,
-                margin: float) -> bool:
-    """The quality gate: reach the threshold and beat production by ``margin``, both in the ``better``
-    direction ('higher' or 'lower')."""
-    sign = 1.0 if better == "higher" else -1.0
-    if value != value:  # NaN: not evaluated
-        return False
-    if threshold is not None and sign * value < sign * threshold:
-        return False
-    return production is None or sign * value >= sign * production + margin
-
-
-def _gate(reg: registry_mod.Registry, name: str, version: int, cfg: WorkflowConfig, metrics: dict) -> bool:
-    """Move `production` only when the new version passes the workflow's quality gate."""
-    metric, gate = cfg.registry.gate_metric, cfg.registry
-    prod = reg.aliases(name).get("production")
-    prod_value = reg.info(name, prod).get(metric) if prod is not None and prod != version else None
-    if not passes_gate(metrics.get(metric, float("nan")), gate.threshold(), prod_value, gate.better(),
-                       gate.gate_margin):
-        return False
-    reg.set_alias(name, "production", version)
-    return True
-
-
-def model_name(cfg: WorkflowConfig) -> str:
-    """The registry name a run registers under."""
-    return cfg.registry.model_name or cfg.name
-
-
-def register_result(cfg: WorkflowConfig, run_name: str, ckpt: Path, eval_dir: Path, metrics: dict,
-                    extra_meta: dict | None = None) -> tuple[str, int, bool]:
-    reg = registry_mod.Registry()
-    name = model_name(cfg)
-    # Rerunning a finished run must not mint a duplicate version of the same checkpoint.
-    for v in reversed(reg.versions(name)):
-        meta = reg.info(name, v)
-        if meta.get("run") == run_name and meta.get("checkpoint") == ckpt.name:
-            return name, v, "production" in meta["aliases"]
-    best = json.loads((ckpt / "metrics.json").read_text())
-    meta = {"run": run_name, "checkpoint": ckpt.name, "task": cfg.model.task,
-            **{k: v for k, v in metrics.items() if k.startswith("test_") and isinstance(v, (int, float))},
-            **{k: best[k] for k in ("val_accuracy", "val_r2", "val_mae", "val_rmse") if k in best},
-            "config_digest": cfg.digest(), **(extra_meta or {})}
-    version = reg.register(name, ckpt, artifacts=eval_dir, meta=meta)
-    return name, version, _gate(reg, name, version, cfg, metrics)
-
-
-def fit_preprocessor(cfg: WorkflowConfig, src: sources.Source, log=print):
-    """The preprocess step for arrays (images, one mean/std) and tables (per column), on the training split."""
-    if src.roles is not None:
-        from modelworks.data import table
-
-        log(f"      columns: {', '.join(f'{c} ({r})' for c, r in src.roles.items())}")
-        return table.fit(src.splits["train"], src.roles, cfg.model.task, src.class_names, cfg.data)
-    if src.arrays is not None:  # read on the driver already: no Ray Data pass for a mean and a std
-        return preprocess.fit_arrays(src.arrays["train"]["x"], src.arrays["train"]["label"], src.class_names)
-    return preprocess.fit(src.splits["train"], src.class_names, src.image_shape)
-
-
-def describe_preprocessor(cfg: WorkflowConfig, pre) -> str:
-    """One line on what the preprocess step fitted."""
-    if getattr(pre, "kind", None) == "table":
-        imputed = {c["name"]: c["missing"] for c in pre.columns if c["missing"]}
-        return (f"{pre.rows} training rows, {pre.input_dim} model inputs, "
-                + (f"{pre.num_classes} classes" if cfg.model.task == "classification" else
-                   f"label '{cfg.data.label_column}' mean={pre.target_center:.4g} std={pre.target_scale:.4g}")
-                + (f"; imputed {', '.join(f'{c}: {n}' for c, n in imputed.items())}" if imputed else "; nothing missing"))
-    return f"input {pre.input_shape}, {pre.num_classes} classes, mean={pre.mean:.4f} std={pre.std:.4f}"
-
-
 def describe_ray(how: str) -> str:
     resources = ray.cluster_resources()
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
@@ -192,9 +86,11 @@ def run_workflow(cfg: WorkflowConfig, *, run_name: str | None = None, data_dir: 
                  log: Console | Callable[[str], None] = print) -> RunResult:
     console = Console.from_log(log)
     if cfg.search.enabled:  # hyperparameter search first; the best trial is what gets evaluated/registered
-        from modelworks import tune
+        from modelworks.tune import run_search
 
-        return tune.run_workflow_search(cfg, run_name=run_name, data_dir=data_dir, log=console)
+        r = run_search(cfg, name=run_name, data_dir=data_dir, resume=None, log=console)
+        return RunResult(r.run, r.search_dir, r.best_checkpoint, r.val_accuracy, r.test_accuracy, r.model, r.report,
+                         r.production, r.seconds)
     t0 = time.time()
     run_name = run_name or default_run_name(cfg)
     run_dir = runs_root() / run_name

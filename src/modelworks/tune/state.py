@@ -11,17 +11,16 @@ that copy back onto the storage path before `Tuner.restore` reads it.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 
 from ray import tune
 
+from modelworks.ray_private import TUNE_STATE_FILE, tune_driver_staging_path
+
 MIRROR_DIR = "tune_state"  # inside the search directory
 MIRROR_EVERY_S = 0.5  # at most this often: the copy is ~100 KB per search and Tune steps every ~0.1 s
-# Tune names its state files <kind>-<driver session start>.<ext>; the newest session's file is the one read.
-SESSION_FILE = re.compile(r"^[a-z_-]+-\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}\.(json|pkl)$")
 
 
 class StateMirror(tune.Callback):
@@ -34,7 +33,7 @@ class StateMirror(tune.Callback):
         if not trials or time.monotonic() - self._last < self.every_s:
             return
         self._last = time.monotonic()
-        staging = Path(trials[0].storage.experiment_driver_staging_path)
+        staging = tune_driver_staging_path(trials[0])
         if staging.is_dir():
             mirror(staging, self.dest)
 
@@ -68,7 +67,7 @@ def restore_mirror(search_dir: Path) -> bool:
     # would read it (the newest session wins) instead of the whole copy.
     stale = search_dir / (MIRROR_DIR + ".stale")
     for path in search_dir.iterdir():
-        if path.is_file() and SESSION_FILE.match(path.name) and not (src / path.name).is_file():
+        if path.is_file() and TUNE_STATE_FILE.match(path.name) and not (src / path.name).is_file():
             stale.mkdir(exist_ok=True)
             os.replace(path, stale / path.name)
     for path in src.rglob("*"):
