@@ -143,7 +143,7 @@ def _wrong_table(title: str, rows: list[dict]) -> list[str]:
             *[f"| {cell(r['text'])} | {r['true']} | {r['predicted']} | {r['probability']:.3f} |" for r in rows], ""]
 
 
-def _model_summary(model: dict) -> dict:
+def model_summary(model: dict) -> dict:
     """The model config fields that apply to this kind of model."""
     mlp_only, transformer_only = {"hidden_sizes"}, {"d_model", "n_layers", "n_heads", "d_ff", "max_len",
                                                    "vocab_size", "pooling", "use_sdpa"}
@@ -197,7 +197,7 @@ def write_report(out: Path, run_name: str, ckpt: Path, metrics: dict, history: l
         "",
         f"- best checkpoint (by {config['evaluate']['metric']}): `{ckpt.name}`",
         headline,
-        f"- model: {_model_summary(config['model'])}",
+        f"- model: {model_summary(config['model'])}",
         f"- training: {config['train']}",
         "",
         f"| epoch | train loss | val loss | {score[1]} | {speed.replace('_per_s', '/s')} |",

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from modelworks import checkpoint  # noqa: E402
-from modelworks.evaluate import _model_summary, write_html  # noqa: E402
+from modelworks.evaluate import model_summary, write_html  # noqa: E402
 from modelworks.models.generation import generate  # noqa: E402
 from modelworks.train import list_checkpoints  # noqa: E402
 
@@ -100,7 +100,7 @@ def write_report(out: Path, run_name: str, ckpt: Path, metrics: dict, history: l
         f"- best checkpoint (by val_loss on {config['train']['eval_batches']} validation batches): `{ckpt.name}`",
         f"- **validation loss: {metrics['val_loss']:.4f}** (perplexity {metrics['val_perplexity']:.2f}, next-token "
         f"accuracy {metrics['val_accuracy']:.4f}) on the whole validation text: {metrics['val_tokens']:,} predictions",
-        f"- model: {_model_summary(config['model'])}",
+        f"- model: {model_summary(config['model'])}",
         f"- training: {config['train']}",
         "",
         "| step | train loss | val loss | val perplexity | lr | tokens/s |",
