@@ -80,6 +80,28 @@ def all_reduce(values: list[float], op=None) -> list[float]:
     return t.tolist()
 
 
+def report_epoch(metrics: dict, *, history: list[dict], progress: WorkerProgress, rank: int, log_line: str,
+                 model: nn.Module, spec: dict, pre, cfg: WorkflowConfig, train_state: dict, dir_name: str,
+                 saved_metrics: dict | None = None) -> None:
+    """The end of an epoch (or of an evaluation round), the same for every training loop: record ``metrics``
+    in ``history``, tell the console, print ``log_line`` to the worker's log, and on rank 0 save the
+    checkpoint (``saved_metrics`` are extra fields for its metrics.json) that ``ray.train.report`` (a barrier
+    for all ranks) files as ``dir_name``."""
+    history.append(metrics)
+    progress.epoch(metrics)
+    if rank == 0:  # the worker's log (runs/<run>/logs with the CLI); the console prints its own copy
+        print(f"[modelworks] {log_line.strip()}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            inner = model.module if hasattr(model, "module") else model
+            checkpoint.save(tmp, model=inner, spec=spec, preprocessor=pre,
+                            metrics={**metrics, "history": history, **(saved_metrics or {})},
+                            config=cfg.model_dump(mode="json"), train_state=train_state)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)  # Ray
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=dir_name)  # Ray
+
+
 def _collect(shard, device, dtypes: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Read this worker's shard once through Ray Data into tensors (the shard, never the whole dataset)."""
     xs, ys = [], []
@@ -210,19 +232,10 @@ def train_loop(loop_cfg: dict) -> None:
             "samples_per_s": seen / max(train_time, 1e-9),  # all ranks' samples per second
             "lr": lr_at(cfg, epoch),
         }
-        history.append(metrics)
-        progress.epoch(metrics)
-        if rank == 0:  # the worker's log (runs/<run>/logs with the CLI); the console prints its own copy
-            print(f"[modelworks] {epoch_line('', metrics, cfg.train.epochs, 'samples').strip()}", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                inner = model.module if hasattr(model, "module") else model
-                checkpoint.save(tmp, model=inner, spec=spec, preprocessor=pre,
-                                metrics={**metrics, "history": history}, config=cfg.model_dump(mode="json"),
-                                train_state={"optimizer": optimizer.state_dict(), "epoch": epoch})
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch={epoch}")
+        report_epoch(metrics, history=history, progress=progress, rank=rank,
+                     log_line=epoch_line('', metrics, cfg.train.epochs, 'samples'), model=model, spec=spec, pre=pre,
+                     cfg=cfg, train_state={"optimizer": optimizer.state_dict(), "epoch": epoch},
+                     dir_name=f"checkpoint_epoch={epoch}")
 
 
 # -------------------------------------------------------------------------------------------- driver

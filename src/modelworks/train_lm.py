@@ -15,7 +15,6 @@ Learning rate: linear warm-up over ``train.warmup_ratio`` of the steps, then con
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from modelworks.data.chars import CharPreprocessor
 from modelworks.data.corpus import windows
 from modelworks.models import build_model
 from modelworks.progress import FollowProgress, WorkerProgress
-from modelworks.train import all_reduce, resume_epoch, run_trainer
+from modelworks.train import all_reduce, report_epoch, resume_epoch, run_trainer
 
 # The validation windows of an evaluation come from this seed, so every evaluation (and every rank count)
 # measures the same text and the loss curve compares like with like.
@@ -147,20 +146,11 @@ def lm_train_loop(loop_cfg: dict) -> None:
             "tokens_per_s": count / max(train_time, 1e-9),  # all ranks' training tokens per second
             "lr": optimizer.param_groups[0]["lr"],
         }
-        history.append(metrics)
-        progress.epoch(metrics)
-        if rank == 0:  # the worker's log (runs/<run>/logs with the CLI); the console prints its own copy
-            print(f"[modelworks] {epoch_line('', metrics, rounds, 'tokens', steps).strip()}", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                inner = model.module if hasattr(model, "module") else model
-                checkpoint.save(tmp, model=inner, spec=spec, preprocessor=pre,
-                                metrics={**metrics, "history": history}, config=cfg.model_dump(mode="json"),
-                                train_state={"optimizer": optimizer.state_dict(),
-                                             "scheduler": scheduler.state_dict(), "step": step})
-                ckpt = ray.train.Checkpoint.from_directory(tmp)  # Ray
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_step={step}")  # Ray
+        report_epoch(metrics, history=history, progress=progress, rank=rank,
+                     log_line=epoch_line('', metrics, rounds, 'tokens', steps), model=model, spec=spec, pre=pre,
+                     cfg=cfg, train_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                           "step": step},
+                     dir_name=f"checkpoint_step={step}")
 
 
 def fit_lm(cfg: WorkflowConfig, train_ids: np.ndarray, val_ids: np.ndarray, pre: CharPreprocessor, spec: dict,

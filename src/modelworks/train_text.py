@@ -12,7 +12,6 @@ epoch draws length-bucketed batches padded to their own longest row. Checkpoints
 """
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from modelworks.data import preprocess
 from modelworks.data.text import TextPreprocessor, length_bucketed_batches, mask_tokens, trim
 from modelworks.models import build_model
 from modelworks.progress import FollowProgress, WorkerProgress
-from modelworks.train import all_reduce, resume_epoch, run_trainer
+from modelworks.train import all_reduce, report_epoch, resume_epoch, run_trainer
 
 TASKS = ("mlm", "classify")
 _EVAL_BATCH = 256
@@ -165,22 +164,12 @@ def text_train_loop(loop_cfg: dict) -> None:
             "tokens_per_s": tokens / max(train_time, 1e-9),  # all ranks' real (non-padding) tokens per second
             "lr": optimizer.param_groups[0]["lr"],
         }
-        history.append(metrics)
-        progress.epoch(metrics)
-        if rank == 0:  # the worker's log (runs/<run>/logs with the CLI); the console prints its own copy
-            print(f"[modelworks] {epoch_line(task, metrics, hp.epochs, 'tokens').strip()}", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                inner = model.module if hasattr(model, "module") else model
-                checkpoint.save(tmp, model=inner, spec=spec, preprocessor=pre,
-                                metrics={**metrics, "history": history, "task": task, "init_from": init_from,
-                                         "init_encoder_sha256": init_digest},
-                                config=cfg.model_dump(mode="json"),
-                                train_state={"optimizer": optimizer.state_dict(),
-                                             "scheduler": scheduler.state_dict(), "epoch": epoch})
-                ckpt = ray.train.Checkpoint.from_directory(tmp)  # Ray
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch={epoch}")  # Ray
+        report_epoch(metrics, history=history, progress=progress, rank=rank,
+                     log_line=epoch_line(task, metrics, hp.epochs, 'tokens'), model=model, spec=spec, pre=pre, cfg=cfg,
+                     train_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                  "epoch": epoch},
+                     dir_name=f"checkpoint_epoch={epoch}",
+                     saved_metrics={"task": task, "init_from": init_from, "init_encoder_sha256": init_digest})
 
 
 def fit_text(cfg: WorkflowConfig, task: str, datasets: dict[str, ray.data.Dataset], pre: TextPreprocessor,
