@@ -23,6 +23,7 @@ from modelworks.registry import Registry
 from modelworks.train import list_checkpoints, resume_epoch
 from modelworks.workflow import run_workflow
 from tests.conftest import require_dataset
+from tests.test_console import _worker_pids
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,12 +59,6 @@ def test_language_model_config_rules():
         apply_overrides(cfg, ["registry.min_accuracy=0.5"])
     with pytest.raises(UserError, match="'pretrain'"):
         apply_overrides(cfg, ['steps=["pretrain","train","evaluate","register"]'])
-
-
-def _worker_pids() -> set[int]:
-    from tests.test_cluster import _pids_of
-
-    return _pids_of("ray::RayTrainWorker")
 
 
 @pytest.mark.ray

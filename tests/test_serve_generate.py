@@ -10,21 +10,18 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 import torch
 
-from modelworks import checkpoint
 from modelworks.config import ServeConfig
 from modelworks.data import chars
 from modelworks.models import build_model
 from modelworks.registry import Registry
-from modelworks.serve.testing import free_port, register_digits
+from modelworks.serve.testing import free_port, register_digits, register_model
 
 pytestmark = pytest.mark.ray
 
@@ -43,10 +40,7 @@ def register_lm(reg: Registry, name: str = "tinylm", seed: int = 0) -> int:
     model = build_model(spec).eval()
     metrics = {"val_loss": 4.0, "epoch": 0, "note": "random weights (test stand-in)"}
     config = {"name": name, "data": {"source": "corpus"}, "model": {"name": "transformer", "task": "language_model"}}
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = checkpoint.save(Path(tmp) / "ckpt", model=model, spec=spec, preprocessor=pre, metrics=metrics,
-                               config=config)
-        return reg.register(name, ckpt, meta={"val_loss": metrics["val_loss"]}, aliases=("latest",))
+    return register_model(reg, name, model, spec, pre, metrics, config, meta={"val_loss": metrics["val_loss"]})
 
 
 @pytest.fixture(scope="module")

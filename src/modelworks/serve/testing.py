@@ -32,12 +32,14 @@ def digits_data() -> tuple[np.ndarray, np.ndarray]:
     return d.images.astype(np.float32), d.target.astype(np.int64)  # (1797, 8, 8) in 0..16
 
 
-def _register(reg: Registry, name: str, model, spec: dict, pre: Preprocessor, metrics: dict,
-              config: dict, aliases=("latest",)) -> int:
+def register_model(reg: Registry, name: str, model, spec: dict, pre, metrics: dict, config: dict,
+                   aliases=("latest",), meta: dict | None = None) -> int:
+    """Save ``model`` as a checkpoint and register it (registry meta: ``meta``, default its test accuracy)."""
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = checkpoint.save(Path(tmp) / "ckpt", model=model, spec=spec, preprocessor=pre, metrics=metrics,
                                config=config)
-        return reg.register(name, ckpt, meta={"test_accuracy": metrics.get("test_accuracy")}, aliases=aliases)
+        meta = {"test_accuracy": metrics.get("test_accuracy")} if meta is None else meta
+        return reg.register(name, ckpt, meta=meta, aliases=aliases)
 
 
 def register_digits(reg: Registry, name: str = "digits", *, steps: int = 300, seed: int = 0,
@@ -59,7 +61,7 @@ def register_digits(reg: Registry, name: str = "digits", *, steps: int = 300, se
         acc = float((model(xt).argmax(1) == yt).float().mean())
     metrics = {"val_accuracy": acc, "test_accuracy": acc, "epoch": 1}
     config = {"name": name, "data": {"source": "digits"}}
-    return _register(reg, name, model, spec, pre, metrics, config, aliases)
+    return register_model(reg, name, model, spec, pre, metrics, config, aliases)
 
 
 def register_mnist_shaped(reg: Registry, name: str = "mnist-bench", seed: int = 0, aliases=("latest",),
@@ -69,7 +71,7 @@ def register_mnist_shaped(reg: Registry, name: str = "mnist-bench", seed: int = 
     spec = {"name": "mlp", "input_dim": 784, "num_classes": 10, "hidden_sizes": list(hidden), "dropout": 0.0}
     model = build_model(spec).eval()
     metrics = {"val_accuracy": 0.0, "test_accuracy": 0.0, "epoch": 0, "note": "random weights (benchmark stand-in)"}
-    return _register(reg, name, model, spec, pre, metrics, {"name": name, "data": {"source": "idx"}}, aliases)
+    return register_model(reg, name, model, spec, pre, metrics, {"name": name, "data": {"source": "idx"}}, aliases)
 
 
 # Sentiment sentences for the tiny text model: every adjective in two templates, so WordPiece keeps whole words.
@@ -133,7 +135,7 @@ def register_text(reg: Registry, name: str = "sentiment", *, steps: int = 60, se
     finally:
         torch.set_num_threads(threads)
     metrics = {"val_accuracy": acc, "test_accuracy": acc, "epoch": 1}
-    return _register(reg, name, model, spec, pre, metrics, _text_config(name, spec, vocab_size), aliases)
+    return register_model(reg, name, model, spec, pre, metrics, _text_config(name, spec, vocab_size), aliases)
 
 
 def register_text_shaped(reg: Registry, texts: list[str], name: str = "sst2-bench", *, vocab_size: int = 8000,
@@ -145,7 +147,7 @@ def register_text_shaped(reg: Registry, texts: list[str], name: str = "sst2-benc
     spec = _text_spec(pre, d_model=128, n_layers=4, n_heads=4, d_ff=512)
     model = build_model(spec).eval()
     metrics = {"val_accuracy": 0.0, "test_accuracy": 0.0, "epoch": 0, "note": "random weights (benchmark stand-in)"}
-    return _register(reg, name, model, spec, pre, metrics, _text_config(name, spec, vocab_size), aliases)
+    return register_model(reg, name, model, spec, pre, metrics, _text_config(name, spec, vocab_size), aliases)
 
 
 def running_replicas(app: str) -> int:
