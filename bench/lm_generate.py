@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO / "src"))  # runs from a checkout without `pip insta
 
 from modelworks.models import build_model  # noqa: E402
 from modelworks.models.generation import BatchedGenerator, generate, sample  # noqa: E402
-from modelworks.models.transformer import DecodeStep  # noqa: E402
+from modelworks.models.kv_cache import DecodeStep  # noqa: E402
 
 SHAKESPEARE_SPEC = {"name": "transformer", "head": "lm", "vocab_size": 65, "max_len": 64, "d_model": 128,
                     "n_layers": 4, "n_heads": 4, "d_ff": 512, "dropout": 0.0, "pad_id": None, "use_sdpa": True}

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MODELWORKS_HOME"] = tempfile.mkdtemp(prefix="mw-bench-tune-")
     os.environ.setdefault("MODELWORKS_PROGRESS", "0")
     from modelworks.config import apply_overrides, load_workflow
-    from modelworks.tune import run_search
+    from modelworks.tune.cli import run_search
     from modelworks.workflow import ensure_ray
 
     base = apply_overrides(load_workflow(args.workflow), ["search.enabled=true", *args.set])

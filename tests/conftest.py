@@ -11,10 +11,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def modelworks_home(tmp_path, monkeypatch):
-    """Every test gets its own registry and runs folder."""
+    """Every test gets its own registry, runs folder and step cache. MLflow tracking (on by default for users)
+    is off unless a test turns it on: creating a fresh MLflow store costs seconds per test home, and the
+    tests of tracking itself (test_tracking.py, test_pipeline.py) set MODELWORKS_TRACKING=1."""
     home = tmp_path / "mwhome"
     monkeypatch.setenv("MODELWORKS_HOME", str(home))
     monkeypatch.delenv("MODELWORKS_REGISTRY", raising=False)
+    monkeypatch.setenv("MODELWORKS_TRACKING", "0")
     return home
 
 

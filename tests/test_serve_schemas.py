@@ -13,7 +13,7 @@ from PIL import Image
 from modelworks.cli import main
 from modelworks.config import ServeConfig
 from modelworks.errors import UserError
-from modelworks.serve import schemas
+from modelworks.serve import schemas, v2_schemas
 from modelworks.serve.cli import parse_replicas
 from modelworks.serve.schemas import InputError, InputSpec, TableSpec, TextSpec
 
@@ -89,9 +89,9 @@ def v2(shape, data, datatype="FP32", name="input", **extra):
 
 
 def test_v2_parses_typed_tensors():
-    x, rid, outs = schemas.parse_v2_infer(v2([2, 8, 8], list(range(128)), id="r1"), SPEC)
+    x, rid, outs = v2_schemas.parse_v2_infer(v2([2, 8, 8], list(range(128)), id="r1"), SPEC)
     assert x.shape == (2, 64) and rid == "r1" and outs == ["probabilities", "label"]
-    x, _, outs = schemas.parse_v2_infer(v2([1, 64], [list(range(64))], "UINT8", outputs=[{"name": "label"}]), SPEC)
+    x, _, outs = v2_schemas.parse_v2_infer(v2([1, 64], [list(range(64))], "UINT8", outputs=[{"name": "label"}]), SPEC)
     assert x.shape == (1, 64) and outs == ["label"]
 
 
@@ -114,7 +114,7 @@ def test_v2_parses_typed_tensors():
     ({"inputs": [{"name": "input"}], "extra": 1}, "extra"),
 ])
 def test_v2_rejects(body, field):
-    e = err(schemas.parse_v2_infer, body, SPEC)
+    e = err(v2_schemas.parse_v2_infer, body, SPEC)
     assert e.status == 422 and e.field == field, e.to_dict()
 
 
@@ -149,11 +149,11 @@ def test_predict_text_rejects_with_field_and_limit(body, field, fragment):
 
 
 def test_v2_text_parses_bytes_tensors():
-    texts, rid, outs = schemas.parse_v2_infer(v2([2], ["a film", "a dull film"], "BYTES", id="t1"), TEXT)
+    texts, rid, outs = v2_schemas.parse_v2_infer(v2([2], ["a film", "a dull film"], "BYTES", id="t1"), TEXT)
     assert texts == ["a film", "a dull film"] and rid == "t1" and outs == ["probabilities", "label"]
-    texts, _, outs = schemas.parse_v2_infer(v2([2, 1], [["a"], ["b"]], "BYTES", outputs=[{"name": "label"}]), TEXT)
+    texts, _, outs = v2_schemas.parse_v2_infer(v2([2, 1], [["a"], ["b"]], "BYTES", outputs=[{"name": "label"}]), TEXT)
     assert texts == ["a", "b"] and outs == ["label"]
-    assert schemas.parse_v2_infer(v2([1, 1], ["a"], "BYTES"), TEXT)[0] == ["a"]
+    assert v2_schemas.parse_v2_infer(v2([1, 1], ["a"], "BYTES"), TEXT)[0] == ["a"]
 
 
 @pytest.mark.parametrize("body, field", [
@@ -173,7 +173,7 @@ def test_v2_text_parses_bytes_tensors():
     (v2([1], ["a"], "BYTES", outputs=[{"name": "logits"}]), "outputs[0].name"),
 ])
 def test_v2_text_rejects(body, field):
-    e = err(schemas.parse_v2_infer, body, TEXT)
+    e = err(v2_schemas.parse_v2_infer, body, TEXT)
     assert e.status == 422 and e.field == field, e.to_dict()
 
 
@@ -207,13 +207,14 @@ def test_predict_table_rejects_naming_the_column(body, field, fragment):
 def test_v2_table_numeric_only_and_regression_outputs():
     body = {"inputs": [{"name": "input", "shape": [2, 2], "datatype": "FP32", "data": [50, 22.5, 61, 30.1]}],
             "outputs": [{"name": "value"}]}
-    rows, _, outputs = schemas.parse_v2_infer(body, NUMERIC_TABLE)
+    rows, _, outputs = v2_schemas.parse_v2_infer(body, NUMERIC_TABLE)
     assert rows == [{"age": 50.0, "bmi": 22.5}, {"age": 61.0, "bmi": pytest.approx(30.1)}] and outputs == ["value"]
-    assert schemas.v2_output_names(NUMERIC_TABLE) == ("value",) and schemas.v2_output_names(TABLE) == schemas.V2_OUTPUTS
+    assert v2_schemas.v2_output_names(NUMERIC_TABLE) == ("value",)
+    assert v2_schemas.v2_output_names(TABLE) == v2_schemas.V2_OUTPUTS
     wrong = {**body, "outputs": [{"name": "probabilities"}]}
-    assert err(schemas.parse_v2_infer, wrong, NUMERIC_TABLE).field == "outputs[0].name"
+    assert err(v2_schemas.parse_v2_infer, wrong, NUMERIC_TABLE).field == "outputs[0].name"
     categorical = {"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
-    e = err(schemas.parse_v2_infer, categorical, TABLE)
+    e = err(v2_schemas.parse_v2_infer, categorical, TABLE)
     assert e.status == 422 and "region" in e.message and "/predict" in e.expected
 
 
@@ -250,29 +251,29 @@ def test_register_text_is_a_real_model_with_a_valid_config(modelworks_home):
 
 def test_content_type():
     for ok in ("application/json; charset=utf-8", "application/json", None, ""):  # no Content-Type: JSON (Triton)
-        assert schemas.check_content_type(ok) is None and schemas.check_content_type(ok, None, True) is None
+        assert v2_schemas.check_content_type(ok) is None and v2_schemas.check_content_type(ok, None, True) is None
     for bad in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
-        assert err(schemas.check_content_type, bad).status == 415
-        assert err(schemas.check_content_type, bad, "10", True).status == 415
+        assert err(v2_schemas.check_content_type, bad).status == 415
+        assert err(v2_schemas.check_content_type, bad, "10", True).status == 415
     # the binary tensor data extension: only on the v2 infer routes, and only with the header length
-    assert schemas.check_content_type("application/octet-stream", "42", True) == 42
-    assert schemas.check_content_type(None, "0", True) == 0
-    assert schemas.check_content_type("application/json", " 7 ", True) == 7
-    assert err(schemas.check_content_type, "application/octet-stream").status == 415            # /predict
-    e = err(schemas.check_content_type, "application/octet-stream", None, True)
+    assert v2_schemas.check_content_type("application/octet-stream", "42", True) == 42
+    assert v2_schemas.check_content_type(None, "0", True) == 0
+    assert v2_schemas.check_content_type("application/json", " 7 ", True) == 7
+    assert err(v2_schemas.check_content_type, "application/octet-stream").status == 415            # /predict
+    e = err(v2_schemas.check_content_type, "application/octet-stream", None, True)
     assert e.status == 400 and e.field == "Inference-Header-Content-Length"
-    e = err(schemas.check_content_type, None, "10", False)                                      # /predict
+    e = err(v2_schemas.check_content_type, None, "10", False)                                      # /predict
     assert e.status == 400 and e.field == "Inference-Header-Content-Length"
     for bad in ("abc", "-1", "1.5", "", "9" * 30):
-        e = err(schemas.check_content_type, None, bad, True)
+        e = err(v2_schemas.check_content_type, None, bad, True)
         assert e.status == 400 and e.field == "Inference-Header-Content-Length", bad
 
 
 def test_split_body():
-    assert schemas.split_body(b'{"a": 1}', None) == (b'{"a": 1}', b"")
-    assert schemas.split_body(b'{"a": 1}\x00\x01', 8) == (b'{"a": 1}', b"\x00\x01")
-    assert schemas.split_body(b"{}", 2) == (b"{}", b"")
-    e = err(schemas.split_body, b"{}", 3)
+    assert v2_schemas.split_body(b'{"a": 1}', None) == (b'{"a": 1}', b"")
+    assert v2_schemas.split_body(b'{"a": 1}\x00\x01', 8) == (b'{"a": 1}', b"\x00\x01")
+    assert v2_schemas.split_body(b"{}", 2) == (b"{}", b"")
+    e = err(v2_schemas.split_body, b"{}", 3)
     assert e.status == 400 and e.field == "Inference-Header-Content-Length"
 
 
@@ -289,13 +290,13 @@ def v2_binary(shape, blob: bytes, datatype="FP32", size=None, **extra):
 def test_v2_binary_inputs_match_json(datatype, np_dtype):
     values = np.arange(128).reshape(2, 8, 8) % 100
     body, blob = v2_binary([2, 8, 8], values.astype(np_dtype).tobytes(), datatype, id="b1")
-    x, rid, outs = schemas.parse_v2_infer(body, SPEC, None, blob)
+    x, rid, outs = v2_schemas.parse_v2_infer(body, SPEC, None, blob)
     assert rid == "b1" and outs == ["probabilities", "label"]
     assert x.dtype == np.float32 and x.shape == (2, 64)
-    want, _, _ = schemas.parse_v2_infer(v2([2, 8, 8], values.reshape(-1).tolist(), datatype), SPEC)
+    want, _, _ = v2_schemas.parse_v2_infer(v2([2, 8, 8], values.reshape(-1).tolist(), datatype), SPEC)
     assert np.array_equal(x, want)
     body, blob = v2_binary([1, 64], values[0].astype(np_dtype).tobytes(), datatype)  # the flat shape too
-    assert np.array_equal(schemas.parse_v2_infer(body, SPEC, None, blob)[0], want[:1])
+    assert np.array_equal(v2_schemas.parse_v2_infer(body, SPEC, None, blob)[0], want[:1])
 
 
 @pytest.mark.parametrize("body_blob, status, field, fragment", [
@@ -324,71 +325,71 @@ def test_v2_binary_inputs_match_json(datatype, np_dtype):
 ])
 def test_v2_binary_inputs_rejected(body_blob, status, field, fragment):
     body, blob = body_blob
-    e = err(schemas.parse_v2_infer, body, SPEC, None, blob)
+    e = err(v2_schemas.parse_v2_infer, body, SPEC, None, blob)
     assert (e.status, e.field) == (status, field) and fragment in e.message, e.to_dict()
     assert e.expected
 
 
 def test_v2_binary_bytes_tensor_for_text():
     texts = ["a film", "ünïcode 🙂", "x" * 50]
-    blob = schemas.encode_bytes_tensor(texts)
+    blob = v2_schemas.encode_bytes_tensor(texts)
     assert blob[:4] == (6).to_bytes(4, "little") and blob[4:10] == b"a film"
-    assert schemas.decode_bytes_tensor(blob, "f", 3) == [t.encode() for t in texts]
+    assert v2_schemas.decode_bytes_tensor(blob, "f", 3) == [t.encode() for t in texts]
     tu = pytest.importorskip("tritonclient.utils")  # the standard client's encoding agrees byte for byte
     assert tu.serialize_byte_tensor(np.array(texts, dtype=object)).item() == blob
     body, _ = v2_binary([3], blob, "BYTES", id="t")
-    assert schemas.parse_v2_infer(body, TEXT, None, blob) == (texts, "t", ["probabilities", "label"])
+    assert v2_schemas.parse_v2_infer(body, TEXT, None, blob) == (texts, "t", ["probabilities", "label"])
     body, _ = v2_binary([3, 1], blob, "BYTES")
-    assert schemas.parse_v2_infer(body, TEXT, None, blob)[0] == texts
+    assert v2_schemas.parse_v2_infer(body, TEXT, None, blob)[0] == texts
 
 
 @pytest.mark.parametrize("shape, blob, size, status, field", [
-    ([2], schemas.encode_bytes_tensor(["a"]), None, 400, "inputs[0].parameters.binary_data_size"),      # 1 of 2
-    ([1], schemas.encode_bytes_tensor(["a", "b"]), None, 400, "inputs[0].parameters.binary_data_size"),  # 2 of 1
-    ([1], schemas.encode_bytes_tensor(["abc"])[:-1], None, 400, "inputs[0].parameters.binary_data_size"),
+    ([2], v2_schemas.encode_bytes_tensor(["a"]), None, 400, "inputs[0].parameters.binary_data_size"),      # 1 of 2
+    ([1], v2_schemas.encode_bytes_tensor(["a", "b"]), None, 400, "inputs[0].parameters.binary_data_size"),  # 2 of 1
+    ([1], v2_schemas.encode_bytes_tensor(["abc"])[:-1], None, 400, "inputs[0].parameters.binary_data_size"),
     ([1], b"\x01\x00", None, 400, "inputs[0].parameters.binary_data_size"),          # truncated length prefix
-    ([1], schemas.encode_bytes_tensor(["a"]), 99, 400, "inputs[0].parameters.binary_data_size"),
+    ([1], v2_schemas.encode_bytes_tensor(["a"]), 99, 400, "inputs[0].parameters.binary_data_size"),
     ([2], b"\x00\x00\x00\x00" * 1000, None, 400, "inputs[0].parameters.binary_data_size"),  # many empty items
     ([1], b"\x02\x00\x00\x00\xff\xfe", None, 422, "inputs[0].data[0]"),           # not UTF-8
-    ([2], schemas.encode_bytes_tensor(["ok", " "]), None, 422, "inputs[0].data[1]"),   # whitespace only
-    ([1], schemas.encode_bytes_tensor(["x" * 51]), None, 422, "inputs[0].data[0]"),    # over max_text_chars
-    ([5], schemas.encode_bytes_tensor(["a"] * 5), None, 422, "inputs[0].shape"),       # over max_inputs
+    ([2], v2_schemas.encode_bytes_tensor(["ok", " "]), None, 422, "inputs[0].data[1]"),   # whitespace only
+    ([1], v2_schemas.encode_bytes_tensor(["x" * 51]), None, 422, "inputs[0].data[0]"),    # over max_text_chars
+    ([5], v2_schemas.encode_bytes_tensor(["a"] * 5), None, 422, "inputs[0].shape"),       # over max_inputs
 ])
 def test_v2_binary_bytes_rejected(shape, blob, size, status, field):
     body, blob = v2_binary(shape, blob, "BYTES", size)
-    e = err(schemas.parse_v2_infer, body, TEXT, None, blob)
+    e = err(v2_schemas.parse_v2_infer, body, TEXT, None, blob)
     assert (e.status, e.field) == (status, field), e.to_dict()
 
 
 def test_v2_output_plan():
     base = v2([1, 8, 8], [0] * 64)
-    assert schemas.v2_outputs(base) == [("probabilities", False), ("label", False)]
-    assert schemas.v2_outputs({**base, "parameters": {"binary_data_output": True}}) == [
+    assert v2_schemas.v2_outputs(base) == [("probabilities", False), ("label", False)]
+    assert v2_schemas.v2_outputs({**base, "parameters": {"binary_data_output": True}}) == [
         ("probabilities", True), ("label", True)]
     outs = [{"name": "label", "parameters": {"binary_data": True}}, {"name": "probabilities"}]
-    assert schemas.v2_outputs({**base, "outputs": outs}) == [("label", True), ("probabilities", False)]
+    assert v2_schemas.v2_outputs({**base, "outputs": outs}) == [("label", True), ("probabilities", False)]
     outs = [{"name": "label", "parameters": {"binary_data": False}}, {"name": "probabilities"}]
-    assert schemas.v2_outputs({**base, "outputs": outs, "parameters": {"binary_data_output": True}}) == [
+    assert v2_schemas.v2_outputs({**base, "outputs": outs, "parameters": {"binary_data_output": True}}) == [
         ("label", False), ("probabilities", True)]
     for body, field in [({**base, "parameters": {"binary_data_output": 1}}, "parameters.binary_data_output"),
                         ({**base, "outputs": [{"name": "label", "parameters": {"binary_data": "yes"}}]},
                          "outputs[0].parameters.binary_data"),
                         ({**base, "outputs": [{"name": "label", "parameters": True}]}, "outputs[0].parameters")]:
-        e = err(schemas.parse_v2_infer, body, SPEC)
+        e = err(v2_schemas.parse_v2_infer, body, SPEC)
         assert e.status == 422 and e.field == field, e.to_dict()
 
 
 def test_v2_response_json_and_binary():
     probs = np.array([[0.25, 0.75], [0.5, 0.5]], np.float32)
     labels = ["pos", "neg"]
-    plain, n = schemas.v2_response("m", "3", "r", [("probabilities", "FP32", [2, 2], probs, False),
-                                                   ("label", "BYTES", [2], labels, False)])
+    plain, n = v2_schemas.v2_response("m", "3", "r", [("probabilities", "FP32", [2, 2], probs, False),
+                                                      ("label", "BYTES", [2], labels, False)])
     assert n is None
     assert plain == (b'{"model_name":"m","model_version":"3","outputs":[{"name":"probabilities","datatype":"FP32",'
                      b'"shape":[2,2],"data":[0.25,0.75,0.5,0.5]},{"name":"label","datatype":"BYTES","shape":[2],'
                      b'"data":["pos","neg"]}],"id":"r"}')
-    body, n = schemas.v2_response("m", "3", None, [("probabilities", "FP32", [2, 2], probs, True),
-                                                   ("label", "BYTES", [2], labels, True)])
+    body, n = v2_schemas.v2_response("m", "3", None, [("probabilities", "FP32", [2, 2], probs, True),
+                                                      ("label", "BYTES", [2], labels, True)])
     head = json.loads(body[:n])
     assert "id" not in head and all("data" not in o for o in head["outputs"])
     assert [o["parameters"]["binary_data_size"] for o in head["outputs"]] == [16, 14]
@@ -398,8 +399,8 @@ def test_v2_response_json_and_binary():
     result = http.InferResult.from_response_body(body, header_length=n)
     assert np.array_equal(result.as_numpy("probabilities"), probs)
     assert result.as_numpy("label").tolist() == [b"pos", b"neg"]
-    body, n = schemas.v2_response("m", "3", None, [("probabilities", "FP32", [2, 2], probs, False),
-                                                   ("label", "BYTES", [2], labels, True)])
+    body, n = v2_schemas.v2_response("m", "3", None, [("probabilities", "FP32", [2, 2], probs, False),
+                                                      ("label", "BYTES", [2], labels, True)])
     result = http.InferResult.from_response_body(body, header_length=n)
     assert np.allclose(result.as_numpy("probabilities"), probs) and result.as_numpy("label").tolist() == [b"pos", b"neg"]
 
@@ -479,15 +480,16 @@ def test_v2_round_trip_with_the_triton_client_encoding(binary_in, binary_out):
     outputs = None if binary_out is None else [http.InferRequestedOutput(n, binary_data=binary_out)
                                                for n in ("probabilities", "label")]
     request, json_size = http.InferenceServerClient.generate_request_body([inp], outputs=outputs, request_id="q")
-    header_length = schemas.check_content_type(None, None if json_size is None else str(json_size), True)
-    head, binary = schemas.split_body(request if isinstance(request, bytes) else request.encode(), header_length)
-    got, rid, names = schemas.parse_v2_infer(json.loads(head), SPEC, head, binary)
+    header_length = v2_schemas.check_content_type(None, None if json_size is None else str(json_size), True)
+    head, binary = v2_schemas.split_body(request if isinstance(request, bytes) else request.encode(), header_length)
+    got, rid, names = v2_schemas.parse_v2_infer(json.loads(head), SPEC, head, binary)
     assert np.array_equal(got, x.reshape(2, 64)) and rid == "q" and names == ["probabilities", "label"]
-    plan = dict(schemas.v2_outputs(json.loads(head)))
+    plan = dict(v2_schemas.v2_outputs(json.loads(head)))
     assert plan == {"probabilities": binary_out is not False, "label": binary_out is not False}
     probs = np.array([[0.1, 0.9], [0.6, 0.4]], np.float32)
-    body, n = schemas.v2_response("digits", "1", rid, [("probabilities", "FP32", [2, 2], probs, plan["probabilities"]),
-                                                       ("label", "BYTES", [2], ["b", "a"], plan["label"])])
+    body, n = v2_schemas.v2_response("digits", "1", rid,
+                                     [("probabilities", "FP32", [2, 2], probs, plan["probabilities"]),
+                                      ("label", "BYTES", [2], ["b", "a"], plan["label"])])
     result = http.InferResult.from_response_body(body, header_length=n)
     assert np.allclose(result.as_numpy("probabilities"), probs)
     assert [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label").tolist()] == ["b", "a"]

@@ -82,9 +82,10 @@ def cli(*args, env=None, merge=True):
 
 @pytest.mark.slow
 def test_sigkill_after_epoch_2_then_rerun_resumes(modelworks_home):
+    """Also: the rerun does not redo the finished steps, and MLflow holds one run with every epoch once."""
     args = ["run", str(REPO / "workflows/digits.py"), "--set", "train.epochs=6", "--set", "train.batch_size=2",
             "--json"]
-    env = {"MODELWORKS_PROGRESS": "0"}
+    env = {"MODELWORKS_PROGRESS": "0", "MODELWORKS_TRACKING": "1"}
     proc = cli(*args, env=env)
     runs = modelworks_home / "runs"
     deadline = time.time() + 300
@@ -116,6 +117,19 @@ def test_sigkill_after_epoch_2_then_rerun_resumes(modelworks_home):
     assert summary["test_accuracy"] >= 0.9 and summary["run"] == run_dir.name
     history = json.loads((run_dir / "checkpoint_epoch=6" / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+    steps = {s["name"]: s for s in json.loads((run_dir / "manifest.json").read_text())["steps"]}
+    assert {n: (steps[n]["cache"], steps[n].get("cached_from")) for n in ("ingest", "preprocess")} == \
+        {"ingest": ("hit", "this run"), "preprocess": ("hit", "this run")}
+    assert steps["train"]["cache"] == "miss" and steps["register"]["status"] == "succeeded"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{modelworks_home / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.params["train.epochs"] == "6"
+    curve = client.get_metric_history(runs[0].info.run_id, "val_accuracy")
+    assert sorted(m.step for m in curve) == [1, 2, 3, 4, 5, 6]
+    assert runs[0].data.metrics["test_accuracy"] == pytest.approx(summary["test_accuracy"])
 
 
 @pytest.mark.slow

@@ -18,8 +18,9 @@ from torch import nn
 from modelworks.data.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, mask_tokens
 from modelworks.models import build_model
 from modelworks.models.generation import BatchedGenerator, generate, sample
-from modelworks.models.transformer import (IGNORE_INDEX, CausalLM, DecodeStep, Encoder, MaskedLM,
-                                           MultiHeadSelfAttention, SequenceClassifier)
+from modelworks.models.kv_cache import DecodeStep
+from modelworks.models.transformer import (IGNORE_INDEX, CausalLM, Encoder, MaskedLM, MultiHeadSelfAttention,
+                                           SequenceClassifier)
 from modelworks.text_steps import eval_step, param_groups, train_step, warmup_cosine
 
 VOCAB = 40

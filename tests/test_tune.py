@@ -185,6 +185,14 @@ def test_asha_search_on_digits_finishes_stops_trials_early_and_registers_the_bes
     assert info["search"]["best_trial"] in result.run and len(info["trials"]) == 5
     assert info["test_accuracy"] == pytest.approx(result.test_accuracy)
     assert result.production == (result.test_accuracy >= cfg.registry.min_accuracy)
+    # The search is a step of the same graph: evaluate and register took its checkpoint as after `train`.
+    steps = {s["name"]: s for s in json.loads((Path(result.run_dir) / "manifest.json").read_text())["steps"]}
+    assert list(steps) == ["ingest", "preprocess", "search", "evaluate", "register"]
+    assert steps["evaluate"]["inputs"]["upstream"]["search"] == steps["search"]["key"]
+    assert steps["search"]["outputs"]["value"]["checkpoint"] == result.checkpoint
+    assert checkpoint.sha256(reg.checkpoint_dir(name, version) / "model.safetensors") == \
+        checkpoint.sha256(Path(result.checkpoint) / "model.safetensors")
+    assert steps["register"]["outputs"]["value"]["model"] == result.model
 
     available, total = _wait_resources_back(ray_local)
     assert available == pytest.approx(total), "trials stopped by ASHA still hold CPUs"
@@ -220,7 +228,7 @@ def test_tune_refuses_an_existing_search_without_resume(ray_local, capsys, model
 def test_two_worker_trials_run_distributed_and_asha_stopped_ones_release_their_workers(ray_local):
     """A trial asking for 2 workers is a real nested TorchTrainer (DDP); ASHA-stopped ones are aborted
     (the leak of ray-project/ray#54305 would leave their workers holding the CPUs)."""
-    from modelworks.tune import run_search
+    from modelworks.tune.cli import run_search
 
     cfg = _cfg("search.enabled=true", "search.num_samples=3", "search.max_epochs=3", "search.grace_period=1",
                "search.reduction_factor=2", "search.seed=1", "train.workers=2", "data.max_rows=600",

@@ -49,17 +49,27 @@ def report_failure(exc: BaseException, log_path, err) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from modelworks.config import apply_overrides, load_workflow
+    from modelworks.config import apply_overrides, load_workflow_file
+    from modelworks.pipeline.graph import user_steps
 
-    cfg = load_workflow(args.workflow)
+    cfg, namespace = load_workflow_file(args.workflow)
+    steps = user_steps(namespace)
     overrides = list(args.set or [])
     if args.workers is not None:
         overrides.append(f"train.workers={args.workers}")
     if args.gpu:
         overrides.append("train.use_gpu=true")
     cfg = apply_overrides(cfg, overrides)
+    if args.resume:
+        cfg = _config_of_run(args.resume, given_name=args.name, overrides=overrides)
+        args.name = args.resume
     if args.data_dir:
         os.environ["MODELWORKS_DATA_DIR"] = args.data_dir  # read by Ray tasks too
+    if args.steps:  # the graph only: nothing runs, Ray does not start
+        from modelworks.pipeline.builtins import default_graph
+
+        print("\n".join(default_graph(cfg, steps).describe()))
+        return 0
 
     from modelworks.console import Console, terminal_copy
     from modelworks.workflow import result_json, run_workflow
@@ -71,7 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.verbose:
         os.environ.setdefault("MODELWORKS_PROGRESS", "0")  # Ray Data's progress bars: not in a log file
     try:
-        result = run_workflow(cfg, run_name=args.name, data_dir=args.data_dir, log=console)
+        result = run_workflow(cfg, run_name=args.name, data_dir=args.data_dir, log=console, user_steps=steps,
+                              no_cache=args.no_cache, rerun=tuple(args.rerun or ()))
     except Exception as exc:  # noqa: BLE001 - one line on the terminal, the traceback in the run's log
         if console.log_path is None:
             raise
@@ -94,6 +105,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.serve:
         serve_result(cfg, result, args, out, err)
     return 0
+
+
+def _config_of_run(run: str, *, given_name: str | None, overrides: list[str]):
+    """--resume RUN: the config that run was started with (saved in its folder), whatever the file says now."""
+    from modelworks.config import validate
+    from modelworks.runtime import runs_root
+
+    if given_name or overrides:
+        raise UserError("--resume RUN continues that run with its own config: drop --name/--set/--workers/--gpu")
+    saved = runs_root() / run / "workflow_config.json"
+    if not saved.is_file():
+        raise UserError(f"--resume {run}: no such run in {runs_root()}; `modelworks runs list` shows the runs")
+    return validate(json.loads(saved.read_text()))
 
 
 def serve_result(cfg, result, args: argparse.Namespace, out=None, err=None) -> None:
@@ -137,8 +161,12 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{r['model']:<28} {score}  {r['created']}  {' '.join(r['aliases'])}")
         return 0
     if args.models_cmd == "show":
+        from modelworks.pipeline.manifest import lineage
+
         name, version = reg.resolve(args.ref)
-        print(json.dumps({**reg.info(name, version), "path": str(reg.checkpoint_dir(name, version))}, indent=2))
+        info = reg.info(name, version)
+        info.update(path=str(reg.checkpoint_dir(name, version)), lineage=lineage(info) or info.get("lineage"))
+        print(json.dumps(info, indent=2))
         return 0
     # promote
     name, version = reg.resolve(f"{args.name}@{args.version}")
@@ -198,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, help="training workers (train.workers)")
     run.add_argument("--gpu", action="store_true", help="train on GPUs (train.use_gpu)")
     run.add_argument("--json", action="store_true", help="last stdout line is a JSON summary")
+    run.add_argument("--steps", action="store_true", help="print the step graph and exit")
+    run.add_argument("--no-cache", action="store_true", help="rerun every step (results are still cached)")
+    run.add_argument("--resume", metavar="RUN", help="continue RUN (with the config it was started with): "
+                                                     "finished steps are kept, the failed one resumes")
+    run.add_argument("--rerun", action="append", metavar="STEP",
+                     help="rerun STEP and every step downstream of it, cached or not (repeatable)")
     run.add_argument("--verbose", action="store_true",
                      help="show Ray's own output live (default: it goes to runs/<run>/logs/ray.log)")
     run.add_argument("--serve", action="store_true",
@@ -237,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands: each has add_commands(subparsers), whose parsers set `func`.
-EXTRA_COMMAND_MODULES = ("modelworks.serve.cli", "modelworks.tune.cli")
+EXTRA_COMMAND_MODULES = ("modelworks.serve.cli", "modelworks.tune.cli", "modelworks.runs")
 
 
 def main(argv: list[str] | None = None) -> int:

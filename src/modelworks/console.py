@@ -104,9 +104,12 @@ class Console:
         out = {"result": "" if announce else what}
         t0 = time.perf_counter()
         yield out
-        seconds = time.perf_counter() - t0
+        self.step_done(number, name, time.perf_counter() - t0, out["result"])
+
+    def step_done(self, number: str, name: str, seconds: float, result: str) -> None:
+        """The line of a finished step (also for steps that ran elsewhere, as Ray tasks)."""
         self.step_seconds[name] = self.step_seconds.get(name, 0.0) + seconds
-        self._emit(f"{number} {name:<11}{seconds:6.1f} s  {out['result']}", style="green")
+        self._emit(f"{number} {name:<11}{seconds:6.1f} s  {result}", style="green")
 
     # -- training progress -------------------------------------------------------------------------
     @contextmanager

@@ -5,7 +5,7 @@
                                                    step for all of them (a server with concurrent clients)
 
 Each step scores the next token from the context (the tokens the model sees), picks one (``sample``), and
-appends it. With the key/value cache (``transformer.KVCache``) the context's keys and values are kept from
+appends it. With the key/value cache (``kv_cache.KVCache``) the context's keys and values are kept from
 one step to the next, so a step feeds the model only the newest token; without it (``use_cache=False``,
 the baseline) every step runs the whole context through the model again.
 
@@ -24,7 +24,7 @@ path pays one prefill of max_len // 2 tokens every max_len // 2 + 1 steps.
 
 With the cache, every step, batched or not, is the same: feed the window's last token, everything before
 it being in the cache already (a prefill puts ``window[:-1]`` there when the window starts or restarts). The
-step runs as ``transformer.DecodeStep`` (the modules' arithmetic without their Python costs), the prefill
+step runs as ``kv_cache.DecodeStep`` (the modules' arithmetic without their Python costs), the prefill
 through the modules. Sampling uses one ``torch.Generator`` per generation, so a generation's tokens depend on
 its own arguments only, not on what else is stepped with it. (The cached and the full computation, and a row
 computed in a batch or alone, can differ in the last bits of floating point; a token changes only if a
@@ -44,7 +44,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from modelworks.models.transformer import CausalLM, DecodeStep, KVCache
+from modelworks.models.kv_cache import DecodeStep, KVCache
+from modelworks.models.transformer import CausalLM
 
 
 def generate(model: nn.Module, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,

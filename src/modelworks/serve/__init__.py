@@ -1,4 +1,15 @@
-"""Ray Serve deployment of registered models (see app.py). Importing this package does not import Ray.
+"""Ray Serve deployment of registered models. Importing this package does not import Ray. One file per job:
+
+    app.py                the Serve application: the ModelServer deployment, its routes, build() (imports Ray)
+    http.py               the FastAPI app the routes hang on, its JSON errors, reading a request body
+    schemas.py            input validation (InputError, the input specs), the /predict request and response
+    v2_schemas.py         the Open Inference Protocol v2: infer bodies, binary tensor data, responses, metadata
+    generate_schemas.py   POST /generate's request, response and their validation
+    generation_engine.py  a replica's generations, batched: one BatchedGenerator, a queue per request
+    config_builder.py     the deployment options, and a config file for `serve deploy` or a RayService
+    runner.py             starting, updating and stopping the application (the Ray side of `modelworks serve`)
+    cli.py                the `modelworks serve ...` subcommands
+    testing.py            small registered models for the serve tests and the serve benchmark
 
     from modelworks.serve import deploy
     deploy("digits@production", serve_config=cfg.serve)        # a workflow's last step

@@ -19,7 +19,6 @@
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import time
@@ -29,16 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelworks.config import ServeConfig
-from modelworks.serve import generate_schemas, schemas
+from modelworks.serve import generate_schemas, schemas, v2_schemas
+from modelworks.serve.config_builder import deployment_options
 from modelworks.serve.generate_schemas import GenerateSpec
 from modelworks.serve.generation_engine import GenerationEngine
+from modelworks.serve.http import api, error_response, json_response, openapi_body, read_body, server_version
 from modelworks.serve.schemas import InputError, InputSpec, TableSpec, TextSpec
 
 log = logging.getLogger("ray.serve")
@@ -78,53 +77,6 @@ def load_served(ref: str, registry: str | None, cfg: ServeConfig) -> Served:
     else:
         spec = schemas.spec_for(loaded.preprocessor, source, cfg.max_inputs, cfg.max_text_chars)
     return Served(ref, name, version, loaded, spec, tuple(map(str, loaded.class_names)), time.time())
-
-
-def _json(content: Any, status: int = 200) -> Response:
-    return Response(json.dumps(content, separators=(",", ":")), status_code=status, media_type="application/json")
-
-
-def _error(err: InputError) -> Response:
-    return _json(err.to_dict(), err.status)
-
-
-def _server_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("modelworks")
-    except PackageNotFoundError:
-        return "0"
-
-
-api = FastAPI(
-    title="modelworks",
-    description="A registered model served by Ray Serve. POST /predict, or the Open Inference Protocol (v2) "
-                "under /v2; a language model: POST /generate. Errors are JSON: {error, field, expected, status}.",
-    version="1",
-)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-    field = "path" if exc.status_code == 404 else "method"
-    expected = ("one of /predict, /generate, /healthz, /readyz, /docs, /v2/health/live, /v2/health/ready, "
-                "/v2/models/{name}, /v2/models/{name}/ready, /v2/models/{name}/infer") \
-        if exc.status_code == 404 else "see /docs"
-    return _json({"error": f"{field}: {exc.detail}; expected {expected}", "field": field, "expected": expected,
-                  "status": exc.status_code}, exc.status_code)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-    first = exc.errors()[0] if exc.errors() else {}
-    field = ".".join(str(p) for p in first.get("loc", ())) or "request"
-    return _json({"error": f"{field}: {first.get('msg', 'invalid')}", "field": field, "expected": "see /docs",
-                  "status": 422}, 422)
-
-
-def _openapi_body(model: type) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 @serve.deployment(name=DEPLOYMENT)
@@ -224,51 +176,24 @@ class ModelServer:
                              "inputs in the range the model was trained on")
         return served, probs
 
-    async def _body(self, request: Request, binary_ok: bool = False) -> tuple[Any, bytes, bytes]:
-        """(parsed JSON, its text, binary tensor data after it: only with Inference-Header-Content-Length)."""
-        header_len = schemas.check_content_type(request.headers.get("content-type"),
-                                                request.headers.get(schemas.V2_HEADER_LENGTH), binary_ok)
-        limit = self.cfg.max_body_bytes
-        expected = f"a body of at most {limit} bytes"
-        length = request.headers.get("content-length")
-        if length is not None:
-            try:
-                if int(length) > limit:
-                    raise InputError(413, "body", f"is {int(length)} bytes", expected)
-            except ValueError:
-                raise InputError(400, "Content-Length", f"is {length!r}", "an integer") from None
-        buf = bytearray()
-        async for chunk in request.stream():
-            buf += chunk
-            if len(buf) > limit:
-                raise InputError(413, "body", f"exceeds {limit} bytes", expected)
-        text, binary = schemas.split_body(bytes(buf), header_len)
-        if not text:
-            raise InputError(400, "body", "is empty", "a JSON object (see /docs)")
-        try:
-            return json.loads(text), text, binary
-        except (ValueError, RecursionError) as err:
-            raise InputError(400, "body", f"is not valid JSON ({type(err).__name__})", "a JSON object (see /docs)") \
-                from None
-
     def _ready(self) -> Served:
         if self.served is None:
             raise InputError(503, "model", "is not loaded yet", "a retry in a few seconds")
         return self.served
 
     # -- endpoints ---------------------------------------------------------------------------------------
-    @api.post("/predict", openapi_extra=_openapi_body(schemas.PredictRequest),
+    @api.post("/predict", openapi_extra=openapi_body(schemas.PredictRequest),
               responses={200: {"model": schemas.PredictResponse}, 422: {"model": schemas.ErrorResponse}})
     async def predict(self, request: Request) -> Response:
         try:
             served = self._ready()
             if served.language_model:
                 raise generate_schemas.wrong_endpoint(served.label, True, "/predict")
-            body, raw, _ = await self._body(request)
+            body, raw, _ = await read_body(request, self.cfg.max_body_bytes)
             x = schemas.parse_predict(body, served.spec, raw)
             served, probs = await self._infer(x)
         except InputError as err:
-            return _error(err)
+            return error_response(err)
         if served.model.task == "regression":
             preds = [{"value": float(v), "model_version": served.version} for v in probs[:, 0]]
         else:
@@ -276,7 +201,7 @@ class ModelServer:
             preds = [{"label": names[int(k)], "label_index": int(k),
                       "probabilities": dict(zip(names, map(float, row))), "model_version": served.version}
                      for k, row in zip(probs.argmax(axis=1), probs)]
-        return _json({"model": served.name, "model_version": served.version, "predictions": preds})
+        return json_response({"model": served.name, "model_version": served.version, "predictions": preds})
 
     # Language models ----------------------------------------------------------------------------------------
     def _engine_for(self, served: Served) -> GenerationEngine:
@@ -288,7 +213,7 @@ class ModelServer:
             self._engine = GenerationEngine(served, max(1, self.cfg.max_batch_size), self._generate_thread)
         return self._engine
 
-    @api.post("/generate", openapi_extra=_openapi_body(generate_schemas.GenerateRequest),
+    @api.post("/generate", openapi_extra=openapi_body(generate_schemas.GenerateRequest),
               responses={200: {"model": generate_schemas.GenerateResponse,
                                "content": {"text/plain": {"schema": {"type": "string"},
                                                           "description": "with stream: the new characters, "
@@ -300,11 +225,11 @@ class ModelServer:
             served = self._ready()
             if not served.language_model:
                 raise generate_schemas.wrong_endpoint(served.label, False, "/generate")
-            body, _, _ = await self._body(request)
+            body, _, _ = await read_body(request, self.cfg.max_body_bytes)
             params = generate_schemas.parse_generate(body, served.spec)
             ids = served.model.preprocessor.encode(params.prompt).tolist()
         except InputError as err:
-            return _error(err)
+            return error_response(err)
         engine = self._engine_for(served)
         decode = served.model.preprocessor.decode
         if params.stream:
@@ -321,38 +246,41 @@ class ModelServer:
                 async for tokens in engine.stream(params, ids):
                     out += tokens
         except TimeoutError:
-            return _error(InputError(503, "request", f"timed out after {self.cfg.request_timeout_s}s (server busy)",
-                                     "a retry later, fewer max_new_tokens, or stream=true"))
+            return error_response(InputError(503, "request",
+                                             f"timed out after {self.cfg.request_timeout_s}s (server busy)",
+                                             "a retry later, fewer max_new_tokens, or stream=true"))
         except Exception as err:  # noqa: BLE001 - the model failed (inputs were checked): a server error, one line
-            return _json({"error": f"model: {err}", "field": "model", "expected": "a retry later",
-                          "status": 500}, 500)
-        return _json({"model": served.label, "prompt": params.prompt, "text": decode(out), "tokens": len(out)})
+            return json_response({"error": f"model: {err}", "field": "model", "expected": "a retry later",
+                                  "status": 500}, 500)
+        return json_response({"model": served.label, "prompt": params.prompt, "text": decode(out),
+                              "tokens": len(out)})
 
     @api.get("/healthz")
     async def healthz(self) -> Response:
-        return _json({"status": "ok"})
+        return json_response({"status": "ok"})
 
     @api.get("/readyz")
     async def readyz(self) -> Response:
         s = self.served
         if s is None:
-            return _json({"ready": False, "error": self.last_error}, 503)
-        return _json({"ready": True, "model": s.name, "model_version": s.version, "ref": s.ref,
-                      "last_error": self.last_error})
+            return json_response({"ready": False, "error": self.last_error}, 503)
+        return json_response({"ready": True, "model": s.name, "model_version": s.version, "ref": s.ref,
+                              "last_error": self.last_error})
 
     # Open Inference Protocol v2 (KServe / Triton REST) ---------------------------------------------------
     @api.get("/v2")
     async def v2_server(self) -> Response:
-        return _json({"name": "modelworks", "version": _server_version(), "extensions": ["binary_tensor_data"]})
+        return json_response({"name": "modelworks", "version": server_version(),
+                              "extensions": ["binary_tensor_data"]})
 
     @api.get("/v2/health/live")
     async def v2_live(self) -> Response:
-        return _json({"live": True})
+        return json_response({"live": True})
 
     @api.get("/v2/health/ready")
     async def v2_ready(self) -> Response:
         ready = self.served is not None
-        return _json({"ready": ready}, 200 if ready else 503)
+        return json_response({"ready": ready}, 200 if ready else 503)
 
     def _model(self, name: str, version: str | None = None) -> Served:
         s = self._ready()
@@ -362,63 +290,40 @@ class ModelServer:
             raise InputError(404, "model_version", f"version {version!r} is not served here", f"{s.version!r}")
         return s
 
-    def _metadata(self, s: Served) -> dict:
-        params: dict[str, Any] = {"class_names": list(s.class_names)}
-        if s.language_model:  # not v2-inferable: described for discovery, answered at POST /generate
-            return {"name": s.name, "versions": [str(s.version)], "platform": "pytorch_safetensors",
-                    "inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1]}],
-                    "outputs": [{"name": "text", "datatype": "BYTES", "shape": [1]}],
-                    "parameters": {"task": "language_model", "endpoint": "POST /generate",
-                                   "vocab_size": s.spec.vocab_size}}
-        if isinstance(s.spec, TextSpec):
-            tensor = {"name": "input", "datatype": "BYTES", "shape": [-1]}
-        elif isinstance(s.spec, TableSpec):
-            tensor = {"name": "input", "datatype": "FP32", "shape": [-1, len(s.spec.names)]}
-            params.update(feature_names=list(s.spec.names), categorical_columns=list(s.spec.categorical))
-        else:
-            tensor = {"name": "input", "datatype": "FP32", "shape": [-1, *s.spec.input_shape]}
-        if s.model.task == "regression":
-            outputs = [{"name": "value", "datatype": "FP32", "shape": [-1, 1]}]
-        else:
-            outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(s.class_names)]},
-                       {"name": "label", "datatype": "BYTES", "shape": [-1]}]
-        return {"name": s.name, "versions": [str(s.version)], "platform": "pytorch_safetensors",
-                "inputs": [tensor], "outputs": outputs, "parameters": params}
-
     @api.get("/v2/models/{name}")
     async def v2_metadata(self, name: str) -> Response:
         try:
-            return _json(self._metadata(self._model(name)))
+            return json_response(v2_schemas.model_metadata(self._model(name)))
         except InputError as err:
-            return _error(err)
+            return error_response(err)
 
     @api.get("/v2/models/{name}/versions/{version}")
     async def v2_version_metadata(self, name: str, version: str) -> Response:
         try:
-            return _json(self._metadata(self._model(name, version)))
+            return json_response(v2_schemas.model_metadata(self._model(name, version)))
         except InputError as err:
-            return _error(err)
+            return error_response(err)
 
     @api.get("/v2/models/{name}/ready")
     async def v2_model_ready(self, name: str) -> Response:
         try:
             s = self._model(name)
         except InputError as err:
-            return _error(err)
-        return _json({"name": s.name, "ready": True})
+            return error_response(err)
+        return json_response({"name": s.name, "ready": True})
 
     async def _v2_infer(self, request: Request, name: str, version: str | None) -> Response:
         try:
             s = self._model(name, version)
             if s.language_model:
                 raise generate_schemas.wrong_endpoint(s.label, True, "/v2/models/{name}/infer")
-            body, raw, binary = await self._body(request, binary_ok=True)
-            x, req_id, _ = schemas.parse_v2_infer(body, s.spec, raw, binary)
-            names = schemas.v2_output_names(s.spec)
-            plan = dict(schemas.v2_outputs(body, names))  # output -> as binary data; answered in the order below
+            body, raw, binary = await read_body(request, self.cfg.max_body_bytes, binary_ok=True)
+            x, req_id, _ = v2_schemas.parse_v2_infer(body, s.spec, raw, binary)
+            names = v2_schemas.v2_output_names(s.spec)
+            plan = dict(v2_schemas.v2_outputs(body, names))  # output -> as binary data; answered in the order below
             s, probs = await self._infer(x)
         except InputError as err:
-            return _error(err)
+            return error_response(err)
         out = []
         for name in names:
             if name not in plan:
@@ -429,18 +334,18 @@ class ModelServer:
             else:
                 out.append((name, "BYTES", [len(probs)], [s.class_names[int(k)] for k in probs.argmax(axis=1)],
                             as_binary))
-        content, header_len = schemas.v2_response(s.name, str(s.version), req_id, out)
+        content, header_len = v2_schemas.v2_response(s.name, str(s.version), req_id, out)
         if header_len is None:
             return Response(content, media_type="application/json")
         return Response(content, media_type="application/octet-stream",
-                        headers={schemas.V2_HEADER_LENGTH: str(header_len)})
+                        headers={v2_schemas.V2_HEADER_LENGTH: str(header_len)})
 
-    @api.post("/v2/models/{name}/infer", openapi_extra=_openapi_body(schemas.V2InferRequest),
-              responses={200: {"model": schemas.V2InferResponse}, 422: {"model": schemas.ErrorResponse}})
+    @api.post("/v2/models/{name}/infer", openapi_extra=openapi_body(v2_schemas.V2InferRequest),
+              responses={200: {"model": v2_schemas.V2InferResponse}, 422: {"model": schemas.ErrorResponse}})
     async def v2_infer(self, name: str, request: Request) -> Response:
         return await self._v2_infer(request, name, None)
 
-    @api.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=_openapi_body(schemas.V2InferRequest))
+    @api.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=openapi_body(v2_schemas.V2InferRequest))
     async def v2_version_infer(self, name: str, version: str, request: Request) -> Response:
         return await self._v2_infer(request, name, version)
 
@@ -452,27 +357,6 @@ def code_version() -> str:
     for f in sorted(Path(__file__).parent.glob("*.py")):
         h.update(f.read_bytes())
     return "mw-" + h.hexdigest()[:12]
-
-
-def deployment_options(cfg: ServeConfig, model: str, registry: str) -> dict:
-    max_ongoing = max(cfg.max_batch_size, int(np.ceil(cfg.target_ongoing_requests * 2)))
-    return {
-        # A full batch must fit in one replica's concurrency, and autoscaling targets must be reachable.
-        "max_ongoing_requests": max_ongoing,
-        "max_queued_requests": cfg.max_queued_requests,
-        "autoscaling_config": {
-            "min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-            "initial_replicas": max(cfg.min_replicas, 1),
-            "target_ongoing_requests": cfg.target_ongoing_requests,
-            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
-        },
-        "user_config": {"model": model, "registry": registry},
-        "logging_config": {"enable_access_log": cfg.access_log},
-        "ray_actor_options": {"num_cpus": cfg.replica_cpus},
-        "graceful_shutdown_timeout_s": max(5.0, cfg.request_timeout_s),
-        "health_check_period_s": 2.0,
-        "health_check_timeout_s": 10.0,
-    }
 
 
 def build(model: str, registry: str | None = None, serve_config: ServeConfig | dict | None = None,

@@ -1,5 +1,5 @@
-"""``modelworks tune WORKFLOW``: the workflow's search on its own (``modelworks run`` runs it too when
-``search.enabled``)."""
+"""``modelworks tune WORKFLOW``: the workflow with its `search` step (``modelworks run`` runs the same graph
+when ``search.enabled``), and ``run_search``, the same from Python."""
 from __future__ import annotations
 
 import argparse
@@ -9,11 +9,37 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from modelworks.tune.driver import run_search
+from typing import Callable
+
+from modelworks.config import WorkflowConfig, apply_overrides
+from modelworks.tune.driver import TRIAL_TABLE_COLUMNS, SearchResult
+
+
+def run_search(cfg: WorkflowConfig, *, name: str | None = None, data_dir: str | None = None,
+               resume: bool | None = None, register: bool = True,
+               log: Callable[[str], None] = print) -> SearchResult:
+    """Run (or resume) the workflow as a graph whose `search` step picks the best trial, which `evaluate`
+    and `register` then take as they take a `train` step's checkpoint.
+
+    resume: True continues an interrupted search, False refuses to touch an existing one, None (the
+    `modelworks run` behaviour: same name = resume) continues when one exists.
+    """
+    from modelworks.pipeline.runner import RunOptions
+    from modelworks.workflow import execute
+
+    cfg = apply_overrides(cfg, ["search.enabled=true"] + ([] if register else ["registry.enabled=false"]))
+    result, ctx = execute(cfg, run_name=name, data_dir=data_dir, log=log, user_steps=[],
+                          options=RunOptions(resume=resume))
+    found, rows = ctx.value("search"), ctx.obj("search")
+    return SearchResult(ctx.run_dir.name, str(ctx.run_dir),
+                        [{c: r[c] for c in TRIAL_TABLE_COLUMNS} | {"config": r["config"]} for r in rows],
+                        found["trial"], found["params"], found["checkpoint"], found["metrics"]["val_accuracy"],
+                        result.test_accuracy, found["search"]["search"]["epochs_total"], result.model,
+                        result.production, result.report, found["plan"], result.seconds, run=result.run)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from modelworks.config import apply_overrides, load_workflow
+    from modelworks.config import load_workflow
 
     cfg = apply_overrides(load_workflow(args.workflow), ["search.enabled=true", *(args.set or [])])
     if args.data_dir:

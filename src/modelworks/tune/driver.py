@@ -1,10 +1,11 @@
-"""The search driver: plan the trials, run them with Ray Tune (ASHA on ``epoch``), then take the best trial's
-best checkpoint (by validation accuracy, never test) through evaluate and register, as a plain run does.
+"""The `search` step: plan the trials, run them with Ray Tune (ASHA on ``epoch``), and take the best trial's
+best checkpoint (by validation accuracy, never test). The workflow runner then evaluates and registers it
+with the same steps as after `train` (pipeline/model_steps.py); this module never imports the runner.
 
 CPUs are budgeted from ``ray.cluster_resources()`` minus ``train.DATA_CPUS`` (``plan``); a trial that can never
-fit fails before anything starts. The data is read and preprocessed once and shared by every trial. Results:
-``trials.csv``/``trials.json``/``trials_val_accuracy.png`` in the search directory and with the registered
-version. The driver uses the same step functions as the workflow runner (``steps``) and never imports it.
+fit fails before anything starts. The preprocessed splits are shared by every trial. Results:
+``trials.csv``/``trials.json``/``trials_val_accuracy.png`` in the search directory (and, through the
+evaluate step, with the registered version).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from modelworks.config import WorkflowConfig
 from modelworks.errors import UserError
 from modelworks.tune.pacing import attempts_path, read_attempts, reported_epoch
 from modelworks.tune.plan import DRIVER_CPUS, plan_trials, trial_memory_bytes
-from modelworks.tune.space import max_epochs, param_space, search_name, trial_config
+from modelworks.tune.space import max_epochs, param_space
 
 TRIAL_TABLE_COLUMNS = ("trial_id", "status", "epochs", "best_val_accuracy", "best_epoch", "last_val_accuracy",
                        "attempts", "seconds", "started_at", "ended_at")
@@ -132,10 +133,20 @@ def write_outputs(rows: list[dict], out: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_search(cfg: WorkflowConfig, *, name: str | None = None, data_dir: str | None = None,
-               resume: bool | None = None, register: bool = True,
-               log: Callable[[str], None] = print) -> SearchResult:
-    """Run (or resume) the workflow's search, evaluate the best trial on test, register it through the gate.
+@dataclass
+class SearchOutcome:
+    rows: list[dict]        # the trial table (TRIAL_TABLE_COLUMNS, config, history, path)
+    best_row: dict
+    best_checkpoint: Path
+    epochs_total: int
+    plan: str
+
+
+def search_trials(cfg: WorkflowConfig, pre, datasets: dict, search_dir: Path, *, resume: bool | None = None,
+                  log: Callable[[str], None] = print) -> SearchOutcome:
+    """The `search` step: run (or resume) the workflow's trials with Ray Tune in ``search_dir`` and pick the
+    best checkpoint by validation accuracy. ``datasets`` are the preprocess step's train and val splits
+    (arrays or Ray Datasets); evaluation and registration are the next steps' job, as after `train`.
 
     resume: True continues an interrupted search, False refuses to touch an existing one, None (the
     `modelworks run` behaviour: same name = resume) continues when one exists.
@@ -144,47 +155,28 @@ def run_search(cfg: WorkflowConfig, *, name: str | None = None, data_dir: str | 
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from modelworks import runtime, steps
-    from modelworks.data import sources
-    from modelworks.evaluate import evaluate_checkpoint
+    from modelworks.data.sources import arrays_dataset
     from modelworks.tune import state
     from modelworks.tune.trial import ModelworksTrial
 
-    t0 = time.time()
     if not cfg.search.space:
         raise UserError("search.space is empty: declare at least one dimension, e.g. "
                         "--set 'search.space.lr={\"loguniform\": [1e-4, 1e-2]}'")
-    runtime.ensure_ray()
-    name = name or search_name(cfg)
-    root = runtime.runs_root()
-    search_dir = root / name
+    name, root = search_dir.name, search_dir.parent
     epochs_max = max_epochs(cfg)
-    plan = plan_trials(cfg, local=_ray_is_local())  # fails fast, before any data is read
     # Save Tune's experiment state after every step, so a killed driver loses no finished trial.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-
     exists = tune.Tuner.can_restore(str(search_dir))
-    if exists and resume is False:
-        raise UserError(f"search '{name}' already exists ({search_dir}); pass --resume to continue it "
-                        f"(finished trials are kept) or --name to start another")
-    saved = search_dir / "workflow_config.json"
-    if exists and saved.is_file() and json.loads(saved.read_text()) != cfg.model_dump(mode="json"):
-        raise UserError(f"search '{name}' exists with a different config ({saved}); use --name for a new one")
-
-    log(f"[1/5] ingest: {cfg.data.source} '{cfg.data.name}'")
-    src = sources.load_source(cfg.data, data_dir)
-    log("[2/5] preprocess: fitting on the training split")
-    pre = steps.fit_preprocessor(cfg, src, log)
-    # Read and preprocess once for every trial: the trials iterate in-memory blocks.
-    datasets = {s: pre.apply(src.splits[s]).materialize() for s in ("train", "val")}
+    if exists and resume is False:  # check_search says so before any data is read; this is the last guard
+        raise UserError(f"search '{name}' already exists ({search_dir}); pass --resume to continue it")
+    # Every trial iterates in-memory blocks of the same preprocessed splits.
+    datasets = {s: (arrays_dataset(d) if isinstance(d, dict) else d).materialize() for s, d in datasets.items()}
     # Now that the data's size is known, cap the concurrency by memory too (every trial caches its shard).
     data_bytes = sum(int(d.size_bytes() or 0) for d in datasets.values())
+    plan = plan_trials(cfg, local=_ray_is_local())
     plan = plan_trials(cfg, local=_ray_is_local(), trial_bytes=trial_memory_bytes(plan.workers, data_bytes))
-
-    log(f"[3/5] search '{name}': {cfg.search.num_samples} trials x up to {epochs_max} epochs, "
-        f"{cfg.search.scheduler.upper()}, {plan.describe()}" + (" (resuming)" if exists and resume is not False else ""))
-    search_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    log(f"      {cfg.search.num_samples} trials x up to {epochs_max} epochs, {cfg.search.scheduler.upper()}, "
+        f"{plan.describe()}" + (" (resuming)" if exists else ""))
     trainable = tune.with_resources(
         tune.with_parameters(ModelworksTrial, base=cfg.model_dump(mode="json"), pre_json=pre.to_json(),
                              datasets=datasets, plan=asdict(plan), search_dir=str(search_dir),
@@ -227,35 +219,31 @@ def run_search(cfg: WorkflowConfig, *, name: str | None = None, data_dir: str | 
         log(f"      {r['trial_id']}: {r['status']:<9} {r['epochs']:>2} epochs  best val {r['best_val_accuracy']:.4f}"
             f"  {json.dumps(r['config'])}")
     best_row, best_ckpt = _best_checkpoint(rows)
-    epochs_total = sum(r["epochs"] for r in rows)
-    log(f"      best trial {best_row['trial_id']} ({best_ckpt.name}), {epochs_total} epochs in all")
+    return SearchOutcome(rows, best_row, best_ckpt, sum(r["epochs"] for r in rows), plan.describe())
 
-    log("[4/5] evaluate: best trial on the test split")
-    eval_dir = search_dir / "evaluation"
-    metrics = evaluate_checkpoint(best_ckpt, src.splits["test"], eval_dir, f"{name}/{best_row['trial_id']}")
-    write_outputs(rows, eval_dir, f"{name}: validation accuracy per trial")  # registered as artifacts
-    log(f"      test accuracy {metrics['test_accuracy']:.4f} ({metrics['test_samples']} samples)")
 
-    best_cfg = trial_config(cfg, best_row["config"])
-    model_ref, production = "", False
-    if register and cfg.registry.enabled:
-        run_ref = f"{name}/{best_row['trial_id']}"
-        search_meta = {"search": {"name": name, "space": cfg.search.space, "num_samples": cfg.search.num_samples,
-                                  "scheduler": cfg.search.scheduler, "max_epochs": epochs_max,
-                                  "best_trial": best_row["trial_id"], "best_params": best_row["config"],
-                                  "epochs_total": epochs_total},
-                       "trials": [{c: r[c] for c in TRIAL_TABLE_COLUMNS} | {"config": r["config"]} for r in rows]}
-        mname, version, production = steps.register_result(best_cfg, run_ref, best_ckpt, eval_dir, metrics,
-                                                               extra_meta=search_meta)
-        model_ref = f"{mname}@{version}"
-        log(f"[5/5] register: {model_ref}" + (" (production)" if production else " (production unchanged: gate)"))
-    val_acc = json.loads((best_ckpt / "metrics.json").read_text())["val_accuracy"]
-    return SearchResult(name, str(search_dir), [{k: v for k, v in r.items() if k not in ("history", "path")}
-                                               for r in rows],
-                        best_row["trial_id"], best_row["config"], str(best_ckpt), val_acc,
-                        metrics["test_accuracy"], epochs_total, model_ref, production,
-                        str(eval_dir / "report.md"), plan.describe(), round(time.time() - t0, 1),
-                        run=f"{name}/{best_row['trial_id']}")
+def check_search(cfg: WorkflowConfig, search_dir: Path, resume: bool | None, *, before_ray: bool) -> None:
+    """Fail before any data is read: a search that exists when the caller said not to resume it (before Ray
+    starts), or a trial that can never fit on this cluster (once Ray is up)."""
+    if before_ray:
+        from ray import tune
+
+        if resume is False and tune.Tuner.can_restore(str(search_dir)):
+            raise UserError(f"search '{search_dir.name}' already exists ({search_dir}); pass --resume to continue "
+                            f"it (finished trials are kept) or --name to start another")
+    else:
+        plan_trials(cfg, local=_ray_is_local())
+
+
+def search_meta(cfg: WorkflowConfig, name: str, outcome: SearchOutcome) -> dict:
+    """What the registry keeps about the search that found a version."""
+    best = outcome.best_row
+    return {"search": {"name": name,
+                       "space": cfg.search.space, "num_samples": cfg.search.num_samples,
+                       "scheduler": cfg.search.scheduler, "max_epochs": max_epochs(cfg),
+                       "best_trial": best["trial_id"], "best_params": best["config"],
+                       "epochs_total": outcome.epochs_total},
+            "trials": [{c: r[c] for c in TRIAL_TABLE_COLUMNS} | {"config": r["config"]} for r in outcome.rows]}
 
 
 def _ray_is_local() -> bool:

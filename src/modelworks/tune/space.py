@@ -1,4 +1,4 @@
-"""The search space: the workflow's ``search.space`` (config.SPACE_KINDS) as Ray Tune domains, and a trial's
+"""The search space: the workflow's ``search.space`` (config_sections.SPACE_KINDS) as Ray Tune domains, and a trial's
 config: the base workflow with one sample of it."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from modelworks.config import WorkflowConfig, validate
 
 
 def tune_domain(spec: Any):
-    """A config domain spec (see config.SPACE_KINDS) -> a Ray Tune domain; scalars stay constants."""
+    """A config domain spec (see config_sections.SPACE_KINDS) -> a Ray Tune domain; scalars stay constants."""
     from ray import tune
 
     if isinstance(spec, list):
