@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def test_pretrain_then_finetune_chain_lineage_baseline_and_reuse_by_reference(ra
     assert [e for e, _ in pretrained] == [1, 2]
     assert checkpoint.load(pretrained[-1][1]).spec["head"] == "mlm"
     # The fine-tune step started from exactly the pre-trained encoder (compared by weight hash) ...
-    first = json.loads((run_dir / "checkpoint_epoch=1" / "metrics.json").read_text())
+    first = json.loads((list_checkpoints(run_dir)[0][1] / "metrics.json").read_text())  # every epoch records it
     assert first["init_from"] == str(pretrained[-1][1])
     assert first["init_encoder_sha256"] == encoder_digest(pretrained[-1][1])
     # ... and the tokenizer it reads text with is the pre-trained encoder's.
@@ -83,7 +84,7 @@ def test_pretrain_then_finetune_chain_lineage_baseline_and_reuse_by_reference(ra
 
     # The baseline: one setting skips pre-training; the classifier's encoder starts from fresh weights.
     baseline = run_workflow(tiny_text(data, "pretrain.enabled=false"), log=lambda m: None)
-    base_first = json.loads((Path(baseline.run_dir) / "checkpoint_epoch=1" / "metrics.json").read_text())
+    base_first = json.loads((list_checkpoints(Path(baseline.run_dir))[0][1] / "metrics.json").read_text())
     assert not (Path(baseline.run_dir) / "pretrain").exists()
     assert base_first["init_from"] is None
     assert base_first["init_encoder_sha256"] != first["init_encoder_sha256"]
@@ -93,7 +94,7 @@ def test_pretrain_then_finetune_chain_lineage_baseline_and_reuse_by_reference(ra
     other = tiny_text(data, "name=sentiment-from-encoder", "steps=[\"train\",\"evaluate\",\"register\"]",
                       "train.init_from=sst2-encoder@production", "model.d_model=64", "train.epochs=2")
     reused = run_workflow(other, log=lambda m: None)
-    reused_first = json.loads((Path(reused.run_dir) / "checkpoint_epoch=1" / "metrics.json").read_text())
+    reused_first = json.loads((list_checkpoints(Path(reused.run_dir))[0][1] / "metrics.json").read_text())
     assert reused_first["init_encoder_sha256"] == encoder_digest(reg.checkpoint_dir("sst2-encoder", 1))
     assert checkpoint.load(reused.checkpoint).spec["d_model"] == 32  # the encoder's width, not the config's
     assert reused.model == "sentiment-from-encoder@1" and reused.test_accuracy > 0.7
@@ -141,7 +142,7 @@ def test_sigkill_during_finetune_then_rerun_does_not_redo_pretraining(tmp_path, 
     out = stderr + stdout
     assert rerun.returncode == 0, out[-3000:]
     assert "mlm epoch" not in out, "pre-training ran again"
-    assert "pretrain: all 2 epochs already done" in out
+    assert re.search(r"pretrain +0\.0 s  cached \(this run\): encoder checkpoint_epoch=2", out), out[-3000:]
     assert "resuming train from checkpoint_epoch=" in out and "classify epoch 1/5" not in out
     for name, digest in pretrained.items():  # the finished step's checkpoints are untouched
         assert checkpoint.sha256(run_dir / "pretrain" / name / "model.safetensors") == digest

@@ -30,7 +30,12 @@ def test_digits_end_to_end_registers_an_evaluated_model(ray_local, modelworks_ho
     cfg = digits("train.epochs=6")
     result = run_workflow(cfg, log=lambda m: None)
     run_dir = Path(result.run_dir)
-    assert [e for e, _ in __import__("modelworks.train", fromlist=["x"]).list_checkpoints(run_dir)] == list(range(1, 7))
+    # train.keep_checkpoints=2 (the default): the 2 best epochs by validation accuracy, and the newest.
+    history = json.loads((run_dir / "checkpoint_epoch=6" / "metrics.json").read_text())["history"]
+    kept = [e for e, _ in __import__("modelworks.train", fromlist=["x"]).list_checkpoints(run_dir)]
+    two_best = sorted(h["val_accuracy"] for h in history)[-2]
+    assert 6 in kept and 2 <= len(kept) <= 3, kept
+    assert all(history[e - 1]["val_accuracy"] >= two_best for e in kept if e != 6)
     assert result.test_accuracy >= 0.9
     assert result.model == "digits@1" and result.production
     for name in ("report.md", "confusion_matrix.png", "loss_curve.png", "accuracy_curve.png", "test_metrics.json"):
@@ -42,9 +47,8 @@ def test_digits_end_to_end_registers_an_evaluated_model(ray_local, modelworks_ho
     assert list(result.step_seconds) == ["ray start", "ingest", "preprocess", "train", "evaluate", "register"]
     assert json.loads((run_dir / "run_summary.json").read_text())["step_seconds"] == result.step_seconds
     # The best checkpoint is picked by validation accuracy, never test.
-    metrics = [json.loads((p / "metrics.json").read_text()) for p in run_dir.glob("checkpoint_epoch=*")]
     assert json.loads((Path(result.checkpoint) / "metrics.json").read_text())["val_accuracy"] == max(
-        m["val_accuracy"] for m in metrics)
+        h["val_accuracy"] for h in history)
     # The registered model loads through the one loader and reproduces the reported test accuracy.
     loaded, version = Registry().load("digits@production")
     y, probs = predict_split(loaded, sources.digits_source(cfg.data).splits["test"])
@@ -56,8 +60,11 @@ def test_digits_end_to_end_registers_an_evaluated_model(ray_local, modelworks_ho
 
 
 def test_production_alias_moves_only_past_the_gate(ray_local, modelworks_home):
-    first = run_workflow(digits("train.epochs=3", "registry.min_accuracy=0.5"), log=lambda m: None)
+    first = run_workflow(digits("train.epochs=3", "registry.min_accuracy=0.5", "train.keep_checkpoints=null"),
+                         log=lambda m: None)
     assert first.production
+    assert [p.name for p in sorted(Path(first.run_dir).glob("checkpoint_epoch=*"))] == \
+        [f"checkpoint_epoch={e}" for e in (1, 2, 3)]  # keep_checkpoints=null keeps every one
     # A second model that must beat production by 50 points cannot take the alias.
     second = run_workflow(digits("train.epochs=2", "registry.gate_margin=0.5"), log=lambda m: None)
     assert second.model == "digits@2" and not second.production
@@ -109,9 +116,11 @@ def test_sigkill_after_epoch_2_then_rerun_resumes(modelworks_home):
     assert f"resuming run {run_dir.name} from checkpoint_epoch=" in out
     resumed_from = int(out.split("from checkpoint_epoch=")[1].split()[0])
     assert resumed_from >= 2
-    # Finished epochs were not redone: their checkpoints are untouched, and the new run printed none of them.
+    # Finished epochs were not redone: the checkpoints still kept are untouched, and the new run printed none
+    # of them.
     for name, digest in done.items():
-        assert checkpoint.sha256(run_dir / name / "model.safetensors") == digest
+        if (run_dir / name).is_dir():
+            assert checkpoint.sha256(run_dir / name / "model.safetensors") == digest
     assert "epoch 1/6" not in out and "epoch 6/6" in out
     summary = json.loads(stdout.strip().splitlines()[-1])  # --json: the last stdout line
     assert summary["test_accuracy"] >= 0.9 and summary["run"] == run_dir.name

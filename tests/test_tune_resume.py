@@ -110,7 +110,8 @@ def test_killed_search_resumes_without_rerunning_finished_trials(modelworks_home
         assert resumed_from >= max(done_before, default=0), \
             f"interrupted trial {trial} went back to epoch {resumed_from} though it had logged {done_before}"
         assert [x["epoch"] for x in new if x["event"] == "epoch"] == list(range(resumed_from + 1, 5)), new
-    for trial in summary["trials"]:  # every epoch of every trial kept its checkpoint
+    for trial in summary["trials"]:  # train.keep_checkpoints=2: each trial keeps its 2 best epochs and the newest
         saved = trial_checkpoints(search_dir / trial["trial_id"])
-        assert sorted(json.loads((c / "metrics.json").read_text())["epoch"] for _, c in saved) == [1, 2, 3, 4]
+        epochs = sorted(json.loads((c / "metrics.json").read_text())["epoch"] for _, c in saved)
+        assert epochs[-1] == 4 and 2 <= len(epochs) <= 3, epochs
     assert summary["test_accuracy"] > 0.8 and summary["model"].startswith("digits@")

@@ -115,6 +115,9 @@ class TrainConfig(_Strict):
     workers: int = Field(1, ge=1)
     use_gpu: bool = False
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
+    # Disk: every epoch's checkpoint of a long run adds up (the SST-2 encoder: 40 of them).
+    keep_checkpoints: int | None = Field(2, ge=1, description="checkpoints a run keeps: the N best by evaluate.metric, "
+                                                              "and the newest (resume needs it); null = every one")
     seed: int = 0
 
 

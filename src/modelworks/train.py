@@ -316,6 +316,16 @@ def fit(cfg: WorkflowConfig, datasets: dict[str, ray.data.Dataset], pre: Preproc
     return run_dir
 
 
+def checkpoints_kept(cfg: WorkflowConfig) -> CheckpointConfig:
+    """train.keep_checkpoints: Ray Train keeps the ``num_to_keep`` best checkpoints by the score, and always the
+    newest one besides (the one a rerun resumes from); it deletes the others as training goes."""
+    if cfg.train.keep_checkpoints is None:
+        return CheckpointConfig(num_to_keep=None)
+    metric = cfg.evaluate.metric
+    return CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute=metric,
+                            checkpoint_score_order="min" if metric == "val_loss" else "max")
+
+
 def run_trainer(loop, loop_config: dict, datasets: dict, cfg: WorkflowConfig, storage: Path, name: str,
                 progress=None) -> None:
     """One TorchTrainer run of ``loop`` on train/val, with the CPU plan's threads, checkpoints kept, and
@@ -339,6 +349,6 @@ def run_trainer(loop, loop_config: dict, datasets: dict, cfg: WorkflowConfig, st
         run_config=RunConfig(
             name=name, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            checkpoint_config=checkpoints_kept(cfg),
         ),
     ).fit()

@@ -100,9 +100,24 @@ class ModelworksTrial(tune.Trainable):
             shutil.copytree(checkpoint.path, tmp)
             shutil.rmtree(target, ignore_errors=True)  # an epoch trained again after a resume
             tmp.rename(target)  # whole or absent, never half-written
+            self._prune_checkpoints()
         self.to_tune.put(("report", dict(metrics)))
         if self.to_train.get() == "stop":
             raise _Stopped()
+
+    def _prune_checkpoints(self) -> None:
+        """train.keep_checkpoints, as a Train run keeps them (train.checkpoints_kept): the N best by validation
+        accuracy, which the search may pick, and the newest, which ASHA continues from when it promotes the
+        trial; the others are deleted."""
+        from modelworks.train import list_checkpoints
+
+        keep = self.cfg.train.keep_checkpoints
+        found = list_checkpoints(self.run_dir)
+        if keep is None or len(found) <= keep + 1:
+            return
+        score = {p: json.loads((p / "metrics.json").read_text())["val_accuracy"] for _, p in found[:-1]}
+        for path in sorted(score, key=score.get, reverse=True)[keep:]:
+            shutil.rmtree(path)
 
     def _run_local(self) -> None:
         from modelworks import train
@@ -118,7 +133,7 @@ class ModelworksTrial(tune.Trainable):
 
     # -- N workers: a real TorchTrainer; forward each checkpoint_epoch=N it writes
     def _run_distributed(self) -> None:
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
 
         from modelworks import train
 
@@ -130,7 +145,7 @@ class ModelworksTrial(tune.Trainable):
                                              resources_per_worker={"CPU": self.plan.cpus_per_worker}),
                 run_config=RunConfig(name=self.trial_id, storage_path=str(self.search_dir / "train"),
                                      failure_config=FailureConfig(max_failures=self.cfg.train.max_failures),
-                                     checkpoint_config=CheckpointConfig(num_to_keep=None)),
+                                     checkpoint_config=train.checkpoints_kept(self.cfg)),
             ).fit()
             self.to_tune.put(("finished", None))
         except BaseException as exc:  # noqa: BLE001
