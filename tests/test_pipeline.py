@@ -180,7 +180,7 @@ def test_a_changed_data_file_reruns_every_step(ray_local, tmp_path):
 
 def _user_workflow(tmp_path: Path) -> Path:
     path = tmp_path / "digits_with_steps.py"
-    path.write_text(f'''
+    path.write_text('''
 import os
 from modelworks.config import TrainConfig, WorkflowConfig, DataConfig, RegisterConfig
 from modelworks.pipeline import step
@@ -196,13 +196,13 @@ def test_errors(evaluate, out_dir):
 
     m = evaluate["metrics"]
     (out_dir / "note.txt").write_text("errors")
-    return {{"errors": round((1 - m["test_accuracy"]) * m["test_samples"]), "pid": os.getpid(),
-             "cpus": ray.get_runtime_context().get_assigned_resources().get("CPU")}}
+    return {"errors": round((1 - m["test_accuracy"]) * m["test_samples"]), "pid": os.getpid(),
+             "cpus": ray.get_runtime_context().get_assigned_resources().get("CPU")}
 
 
 @step(cpus=0.5)
 def verdict(test_errors, config):
-    return {{"ok": test_errors["errors"] < 100, "workflow": config["name"], "pid": os.getpid()}}
+    return {"ok": test_errors["errors"] < 100, "workflow": config["name"], "pid": os.getpid()}
 ''')
     return path
 

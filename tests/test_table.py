@@ -13,7 +13,7 @@ import torch
 
 from modelworks import checkpoint
 from modelworks.config import DataConfig
-from modelworks.data import preprocess, sources, table
+from modelworks.data import sources, table
 from modelworks.errors import DataError
 from modelworks.models import build_model
 from modelworks.workflow import passes_gate

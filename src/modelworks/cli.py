@@ -143,7 +143,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.models_cmd == "list":
         rows = []
         for name in reg.models():
-            aliases = reg.aliases(name)
             for v in reg.versions(name):
                 info = reg.info(name, v)
                 rows.append({"model": f"{name}@{v}", "aliases": info["aliases"],

@@ -61,6 +61,12 @@ def _user_task(fn, kwargs: dict, out_dir: str, name: str):
     return value
 
 
+def _short(value) -> str:
+    """A user step's value on one console line."""
+    shown = json.dumps(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
 class Runner:
     def __init__(self, graph: Graph, ctx: Context, run: RunOptions, cache_root: Path):
         self.graph, self.ctx, self.run = graph, ctx, run
@@ -201,7 +207,7 @@ class Runner:
         if s.builtin:
             self.ctx.loaders[s.name] = s.load
         self._track(s.name, value)
-        summary = value.get("summary", "") if isinstance(value, dict) else ""
+        summary = value.get("summary", "") if s.builtin else _short(value)
         self.ctx.console.step_done(self.ctx.number[s.name], s.name, 0.0, f"cached ({where}): {summary}".rstrip(": "))
 
     def _builtin(self, name: str) -> None:
@@ -277,7 +283,5 @@ class Runner:
             raise
         out_dir = self.ctx.run_dir / "steps" / name
         files = [f"steps/{name}"] if out_dir.is_dir() else []
-        shown = json.dumps(value)
-        summary = shown if len(shown) <= 80 else shown[:77] + "..."
         self._done(s, self.keys[name], value, files, time.time() - t0)
-        self.ctx.console.step_done(self.ctx.number[name], name, time.time() - t0, f"Ray task: {summary}")
+        self.ctx.console.step_done(self.ctx.number[name], name, time.time() - t0, f"Ray task: {_short(value)}")
