@@ -8,16 +8,11 @@ train -> evaluate -> register -> weakest_classes -> gate_note, not ingest or pre
 import json
 from pathlib import Path
 
-from modelworks.config import DataConfig, ModelConfig, RegisterConfig, TrainConfig, WorkflowConfig
+from modelworks.config import load_workflow
 from modelworks.pipeline import step
 
-CONFIG = WorkflowConfig(
-    name="digits",
-    data=DataConfig(source="digits", name="digits", val_fraction=0.15, test_fraction=0.2),
-    model=ModelConfig(hidden_sizes=[128, 64]),
-    train=TrainConfig(epochs=20, batch_size=64, lr=3e-3, weight_decay=1e-4, optimizer="adamw", lr_schedule="cosine"),
-    registry=RegisterConfig(min_accuracy=0.95),
-)
+# The same config as workflows/digits.py (so the two share their cached steps); only the user steps are new.
+CONFIG = load_workflow(Path(__file__).with_name("digits.py"))
 
 
 @step(cpus=1)

@@ -39,15 +39,23 @@ def model_name(cfg: WorkflowConfig) -> str:
     return cfg.registry.model_name or cfg.name
 
 
+def registered_version(reg: registry_mod.Registry, name: str, run_name: str, ckpt: Path) -> int | None:
+    """The version of ``name`` already holding this run's checkpoint: rerunning a finished run must not mint a
+    duplicate version of the same checkpoint."""
+    for v in reversed(reg.versions(name)):
+        meta = reg.info(name, v)
+        if meta.get("run") == run_name and meta.get("checkpoint") == ckpt.name:
+            return v
+    return None
+
+
 def register_result(cfg: WorkflowConfig, run_name: str, ckpt: Path, eval_dir: Path, metrics: dict,
                     extra_meta: dict | None = None) -> tuple[str, int, bool]:
     reg = registry_mod.Registry()
     name = model_name(cfg)
-    # Rerunning a finished run must not mint a duplicate version of the same checkpoint.
-    for v in reversed(reg.versions(name)):
-        meta = reg.info(name, v)
-        if meta.get("run") == run_name and meta.get("checkpoint") == ckpt.name:
-            return name, v, "production" in meta["aliases"]
+    existing = registered_version(reg, name, run_name, ckpt)
+    if existing is not None:
+        return name, existing, "production" in reg.info(name, existing)["aliases"]
     best = json.loads((ckpt / "metrics.json").read_text())
     meta = {"run": run_name, "checkpoint": ckpt.name, "task": cfg.model.task,
             **{k: v for k, v in metrics.items() if k.startswith("test_") and isinstance(v, (int, float))},

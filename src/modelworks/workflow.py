@@ -119,12 +119,12 @@ def execute(cfg: WorkflowConfig, *, run_name: str | None, data_dir: str | None, 
     registers = f"registers as '{model_name(cfg)}'" if "register" in graph.steps else "registers nothing"
     console.header(f"{cfg.name} ({registers})", run_name, ray_desc, cfg.train.workers)
     runner.execute()
-    result = _result(cfg, ctx, graph, t0)
+    result = _result(cfg, ctx, graph, t0, runner.manifest.data["steps"])
     (run_dir / "run_summary.json").write_text(result_json(result, indent=2))
     return result, ctx
 
 
-def _result(cfg: WorkflowConfig, ctx: Context, graph, t0: float) -> RunResult:
+def _result(cfg: WorkflowConfig, ctx: Context, graph, t0: float, recorded: list[dict]) -> RunResult:
     fit = ctx.values["search" if "search" in ctx.values else "train"]
     best, best_metrics = fit["checkpoint"], fit["metrics"]
     metrics = ctx.values.get("evaluate", {}).get("metrics", {})
@@ -141,13 +141,7 @@ def _result(cfg: WorkflowConfig, ctx: Context, graph, t0: float) -> RunResult:
                      trainer_startup_s=ctx.console.trainer_startup_s, val_loss=metrics.get("val_loss"),
                      val_perplexity=metrics.get("val_perplexity"),
                      steps={n: ctx.values.get(n) is not None for n in graph.order},
-                     cache={s["name"]: s.get("cache") for s in _manifest(ctx.run_dir).get("steps", [])})
-
-
-def _manifest(run_dir: Path) -> dict:
-    from modelworks.pipeline.manifest import read
-
-    return read(run_dir)
+                     cache={s["name"]: s.get("cache") for s in recorded})
 
 
 def _holds_production(ref: str) -> bool:

@@ -148,7 +148,7 @@ def load_preprocess(ctx: Context, value: dict) -> tuple:
     return pre, datasets
 
 
-def _texts(ds: ray.data.Dataset):
+def split_texts(ds: ray.data.Dataset):
     """Stream a split's texts to the driver in batches (the tokenizer trainer consumes an iterator)."""
     for batch in ds.select_columns(["text"]).iter_batches(batch_size=4096, batch_format="numpy"):
         yield from (str(t) for t in batch["text"])
@@ -183,9 +183,9 @@ def _text_preprocessor(ctx: Context, src: sources.Source) -> text_data.TextPrepr
         ctx.console(f"      tokenizer: the encoder's ({pre.vocab_size} WordPiece tokens)")
         return pre
     corpus = pretrain_corpus(cfg)
-    texts = _texts(src.splits["train"])
+    texts = split_texts(src.splits["train"])
     if corpus is not None:
-        texts = (t for part in (texts, _texts(corpus)) for t in part)
+        texts = (t for part in (texts, split_texts(corpus)) for t in part)
     pre = text_data.fit(texts, labels, src.class_names, cfg.model.vocab_size, cfg.model.max_len)
     ctx.console(f"      tokenizer: WordPiece, {pre.vocab_size} tokens fitted on the training split"
                 + (" and the pre-training corpus" if corpus is not None else ""))

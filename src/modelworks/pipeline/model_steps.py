@@ -17,10 +17,11 @@ from modelworks import registry as registry_mod
 from modelworks import train
 from modelworks.pipeline.data_steps import init_encoder, pretrain_corpus
 from modelworks.pipeline.types import Context, Output
-from modelworks.steps import register_result
+from modelworks.steps import register_result, registered_version
 
 
-def _checkpoint_value(best: Path, last: Path, run_dir: Path) -> dict:
+def _checkpoint_value(best: Path, last: Path) -> dict:
+    """What train and search output: the chosen checkpoint, its metrics, and the curve from the newest one."""
     metrics = json.loads((best / "metrics.json").read_text())
     history = json.loads((last / "metrics.json").read_text()).get("history", [])
     return {"checkpoint": str(best), "metrics": {k: v for k, v in metrics.items() if k != "history"},
@@ -42,7 +43,7 @@ def pretrain(ctx: Context) -> Output:
 
     from modelworks import train_text
     from modelworks.data import text as text_data
-    from modelworks.pipeline.data_steps import _texts
+    from modelworks.pipeline.data_steps import split_texts
 
     cfg, src = ctx.cfg, ctx.obj("ingest")
     pre, _ = ctx.obj("preprocess")
@@ -52,7 +53,7 @@ def pretrain(ctx: Context) -> Output:
     if corpus is not None:
         texts = texts.union(corpus.select_columns(["text"]))
     if cfg.pretrain.drop_contained:  # a second pass over the texts to the driver (SST-2: 67k rows, ~2 s)
-        whole = text_data.drop_contained(_texts(texts))
+        whole = text_data.drop_contained(split_texts(texts))
         ctx.console(f"      corpus: {len(whole)} texts that are not part of a longer one (drop_contained)")
         texts = ray.data.from_items([{"text": t} for t in whole])
     datasets = {"train": mlm.apply(texts), "val": mlm.apply(src.splits["val"].select_columns(["text"]))}
@@ -76,10 +77,9 @@ def register_encoder(ctx: Context, ckpt: Path, info: dict) -> str:
     cfg, run_name = ctx.cfg, ctx.run_dir.name
     reg = registry_mod.Registry()
     name = cfg.pretrain.register_as or f"{cfg.registry.model_name or cfg.name}-encoder"
-    for v in reversed(reg.versions(name)):
-        meta = reg.info(name, v)
-        if meta.get("run") == run_name and meta.get("checkpoint") == ckpt.name:
-            return f"{name}@{v}"
+    existing = registered_version(reg, name, run_name, ckpt)
+    if existing is not None:
+        return f"{name}@{existing}"
     version = reg.register(name, ckpt, meta={"run": run_name, "checkpoint": ckpt.name, "task": "mlm",
                                              "val_mlm_accuracy": info["val_accuracy"],
                                              "val_mlm_loss": info["val_loss"], "config_digest": cfg.digest()})
@@ -124,7 +124,7 @@ def train_step(ctx: Context) -> Output:
         train.fit(cfg, datasets, pre, run_dir.parent, run_dir.name, log=ctx.console)
     checkpoints = train.list_checkpoints(run_dir)
     best = train.best_checkpoint(run_dir, cfg.evaluate.metric)
-    return Output(_checkpoint_value(best, checkpoints[-1][1], run_dir), [p.name for _, p in checkpoints], None,
+    return Output(_checkpoint_value(best, checkpoints[-1][1]), [p.name for _, p in checkpoints], None,
                   _best_line(best, cfg.evaluate.metric))
 
 
@@ -139,7 +139,7 @@ def search_step(ctx: Context) -> Output:
     pre, datasets = ctx.obj("preprocess")
     outcome = search_trials(ctx.cfg, pre, datasets, ctx.run_dir, resume=ctx.options.get("resume"), log=ctx.console)
     best = outcome.best_checkpoint
-    value = _checkpoint_value(best, best, ctx.run_dir)
+    value = _checkpoint_value(best, best)
     value.update(trial=outcome.best_row["trial_id"], params=outcome.best_row["config"],
                  search=search_meta(ctx.cfg, ctx.run_dir.name, outcome), plan=outcome.plan)
     files = [str(best.relative_to(ctx.run_dir)), "trials.csv", "trials.json", "trials_val_accuracy.png"]
