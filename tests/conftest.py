@@ -32,25 +32,41 @@ def ray_local():
 
     apply_serve_env(local=True)  # the serve tests run against the ingress `modelworks serve` uses
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # num_gpus=0: the same 2-CPU, no-GPU cluster on every machine; the GPU fail-fast test relies on it.
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
 
 
-def require_dataset(name: str) -> Path:
-    """The dataset folder under MODELWORKS_DATA_DIR; skip locally when absent, fail under CI."""
-    root = os.environ.get("MODELWORKS_DATA_DIR")
-    folder = Path(root) / name if root else None
+def require_folder(folder: Path | None, reason: str) -> Path:
+    """``folder`` if it is a directory; else skip locally, and fail under CI (a CI run must not pass by
+    skipping what it was meant to check)."""
     if folder is None or not folder.is_dir():
-        reason = (f"dataset '{name}' not found (MODELWORKS_DATA_DIR={root!r}); "
-                  f"point MODELWORKS_DATA_DIR at a folder holding {name}/")
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(reason + " - required under CI")
         pytest.skip(reason)
     return folder
 
 
+def require_dataset(name: str) -> Path:
+    """The dataset folder under MODELWORKS_DATA_DIR; skip locally when absent, fail under CI."""
+    root = os.environ.get("MODELWORKS_DATA_DIR")
+    return require_folder(Path(root) / name if root else None,
+                          f"dataset '{name}' not found (MODELWORKS_DATA_DIR={root!r}); "
+                          f"point MODELWORKS_DATA_DIR at a folder holding {name}/")
+
+
 @pytest.fixture
 def mnist_dir() -> Path:
     return require_dataset("mnist")
+
+
+def assert_two_ranks(workers: dict) -> None:
+    """A checkpoint's ``workers`` record shows a 2-rank DDP group: world size 2, ranks 0 and 1 in two distinct
+    worker processes (not the test's). A run that trained on one worker records world size 1 and one rank."""
+    ranks = workers["ranks"]
+    assert workers["world_size"] == 2, workers
+    assert [r["rank"] for r in ranks] == [0, 1], workers
+    pids = {(r["node_id"], r["pid"]) for r in ranks}
+    assert len(pids) == 2 and os.getpid() not in {r["pid"] for r in ranks}, workers

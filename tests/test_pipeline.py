@@ -154,25 +154,26 @@ def test_unchanged_rerun_is_all_hits_and_a_train_field_reruns_only_downstream(ra
 
 @pytest.mark.ray
 def test_a_changed_data_file_reruns_every_step(ray_local, tmp_path):
-    from sklearn.datasets import load_wine
-
+    from modelworks.data import idx
     from modelworks.workflow import run_workflow
+    from tests.test_idx import make_split, write_idx
 
-    csv = tmp_path / "wine.csv"
-    frame = load_wine(as_frame=True).frame.rename(columns={"target": "cultivar"})
-    frame.to_csv(csv, index=False)
-    cfg = apply_overrides(load_workflow(REPO / "workflows/wine.py"),
-                          ["data.source=table", f"data.path={csv}", "train.epochs=2", "registry.min_accuracy=0"])
-    first = run_workflow(cfg, run_name="wine", log=lambda m: None)
+    folder = tmp_path / "tiny-mnist"  # MNIST's own file format, 300 + 100 images: the same ingest path
+    train_images, _ = make_split(folder, 300, 300, split="train")
+    make_split(folder, 100, 100, split="test")
+    cfg = apply_overrides(load_workflow(REPO / "workflows/mnist.py"),
+                          [f"data.path={folder}", "train.epochs=2", "registry.min_accuracy=0"])
+    first = run_workflow(cfg, run_name="tiny-mnist", log=lambda m: None)
     assert set(_cache(first.run_dir).values()) == {"miss"}
-    assert set(_cache(run_workflow(cfg, run_name="wine", log=lambda m: None).run_dir).values()) == {"hit"}
-    frame.loc[0, "alcohol"] += 0.5  # one cell of one row
-    frame.to_csv(csv, index=False)
-    rerun = run_workflow(cfg, run_name="wine", log=lambda m: None)
+    assert set(_cache(run_workflow(cfg, run_name="tiny-mnist", log=lambda m: None).run_dir).values()) == {"hit"}
+    changed = folder / "raw" / f"{idx.FILES['train'][0]}.gz"
+    train_images[0, 0, 0] ^= 1  # one pixel of one image
+    write_idx(changed, train_images, compress=True)
+    rerun = run_workflow(cfg, run_name="tiny-mnist", log=lambda m: None)
     assert set(_cache(rerun.run_dir).values()) == {"miss"}
     manifest = json.loads((Path(rerun.run_dir) / "manifest.json").read_text())
     ingest = manifest["steps"][0]
-    assert ingest["inputs"]["data"][0]["path"] == str(csv) and len(manifest["attempts"]) == 2
+    assert str(changed) in [f["path"] for f in ingest["inputs"]["data"]] and len(manifest["attempts"]) == 2
     # The rerun trained afresh (its checkpoints were made for the old data): as many epochs as configured.
     history = manifest["steps"][2]["outputs"]["value"]["history"]
     assert [h["epoch"] for h in history] == [1, 2]

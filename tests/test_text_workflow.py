@@ -1,5 +1,5 @@
 """The Transformer workflow on a real local Ray: pre-train -> fine-tune chained in one run, lineage by
-weight hash, the from-scratch baseline, fine-tuning from a registered encoder, 2-worker DDP, resume
+weight hash, the from-scratch baseline (2-worker DDP), fine-tuning from a registered encoder, resume
 after SIGKILL without redoing pre-training, and SST-2 read as it ships."""
 import csv
 import json
@@ -19,7 +19,7 @@ from modelworks.config import apply_overrides, load_workflow
 from modelworks.registry import Registry
 from modelworks.train import list_checkpoints
 from modelworks.workflow import run_workflow
-from tests.conftest import require_dataset
+from tests.conftest import assert_two_ranks, require_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
@@ -83,12 +83,19 @@ def test_pretrain_then_finetune_chain_lineage_baseline_and_reuse_by_reference(ra
     assert "Most confidently wrong" in report and "tokens/s" in report
 
     # The baseline: one setting skips pre-training; the classifier's encoder starts from fresh weights.
-    baseline = run_workflow(tiny_text(data, "pretrain.enabled=false"), log=lambda m: None)
-    base_first = json.loads((list_checkpoints(Path(baseline.run_dir))[0][1] / "metrics.json").read_text())
+    # It trains with 2 DDP workers: the text loop's distributed path, on the same data.
+    baseline = run_workflow(tiny_text(data, "pretrain.enabled=false", "train.workers=2"), log=lambda m: None)
+    base_checkpoints = list_checkpoints(Path(baseline.run_dir))
+    base_first = json.loads((base_checkpoints[0][1] / "metrics.json").read_text())
     assert not (Path(baseline.run_dir) / "pretrain").exists()
     assert base_first["init_from"] is None
     assert base_first["init_encoder_sha256"] != first["init_encoder_sha256"]
     assert reg.versions("sst2-encoder") == [1]  # no encoder minted without pre-training
+    base_last = json.loads((base_checkpoints[-1][1] / "metrics.json").read_text())
+    # Both ranks' rows are counted: about the whole training split (600 rows), not half of it.
+    assert 600 - 2 * 16 <= base_last["train_samples"] <= 600
+    assert base_last["tokens_per_s"] > 0 and baseline.test_accuracy > 0.7
+    assert_two_ranks(base_last["workers"])
 
     # Another workflow (other name, other architecture in its config) fine-tunes from the registry entry.
     other = tiny_text(data, "name=sentiment-from-encoder", "steps=[\"train\",\"evaluate\",\"register\"]",
@@ -98,16 +105,6 @@ def test_pretrain_then_finetune_chain_lineage_baseline_and_reuse_by_reference(ra
     assert reused_first["init_encoder_sha256"] == encoder_digest(reg.checkpoint_dir("sst2-encoder", 1))
     assert checkpoint.load(reused.checkpoint).spec["d_model"] == 32  # the encoder's width, not the config's
     assert reused.model == "sentiment-from-encoder@1" and reused.test_accuracy > 0.7
-
-
-def test_two_worker_ddp_text_run(ray_local, tmp_path, modelworks_home):
-    data = write_sentiment_csvs(tmp_path / "data")["train"].parent
-    result = run_workflow(tiny_text(data, "pretrain.enabled=false", "train.workers=2", "train.epochs=2"),
-                          log=lambda m: None)
-    m = json.loads((Path(result.run_dir) / "checkpoint_epoch=2" / "metrics.json").read_text())
-    # Both ranks' rows are counted: about the whole training split (600 rows), not half of it.
-    assert 600 - 2 * 16 <= m["train_samples"] <= 600
-    assert m["tokens_per_s"] > 0 and result.test_accuracy > 0.7
 
 
 def cli(*args, merge=True):
@@ -123,7 +120,7 @@ def test_sigkill_during_finetune_then_rerun_does_not_redo_pretraining(tmp_path, 
             "--set", f"data.path={data / 'train.csv'}", "--set", f"data.val_path={data / 'validation.csv'}",
             "--set", f"data.test_path={data / 'test.csv'}", "--set", "model.d_model=32", "--set", "model.n_layers=1",
             "--set", "model.n_heads=2", "--set", "model.d_ff=64", "--set", "model.max_len=24",
-            "--set", "model.vocab_size=200", "--set", "pretrain.epochs=2", "--set", "train.epochs=5",
+            "--set", "model.vocab_size=200", "--set", "pretrain.epochs=2", "--set", "train.epochs=3",
             "--set", "train.batch_size=2", "--set", "registry.min_accuracy=0"]
     proc = cli(*args)
     run_dir = modelworks_home / "runs" / "killed"
@@ -135,7 +132,7 @@ def test_sigkill_during_finetune_then_rerun_does_not_redo_pretraining(tmp_path, 
     proc.wait()
     pretrained = {p.name: checkpoint.sha256(p / "model.safetensors") for _, p in list_checkpoints(run_dir / "pretrain")}
     assert list(pretrained) == ["checkpoint_epoch=1", "checkpoint_epoch=2"]
-    assert not (run_dir / "checkpoint_epoch=5").exists()
+    assert not (run_dir / "checkpoint_epoch=3").exists()
 
     rerun = cli(*args, merge=False)
     stdout, stderr = rerun.communicate(timeout=600)
@@ -143,11 +140,11 @@ def test_sigkill_during_finetune_then_rerun_does_not_redo_pretraining(tmp_path, 
     assert rerun.returncode == 0, out[-3000:]
     assert "mlm epoch" not in out, "pre-training ran again"
     assert re.search(r"pretrain +0\.0 s  cached \(this run\): encoder checkpoint_epoch=2", out), out[-3000:]
-    assert "resuming train from checkpoint_epoch=" in out and "classify epoch 1/5" not in out
+    assert "resuming train from checkpoint_epoch=" in out and "classify epoch 1/3" not in out
     for name, digest in pretrained.items():  # the finished step's checkpoints are untouched
         assert checkpoint.sha256(run_dir / "pretrain" / name / "model.safetensors") == digest
-    history = json.loads((run_dir / "checkpoint_epoch=5" / "metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    history = json.loads((run_dir / "checkpoint_epoch=3" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["run"] == "killed" and summary["model"] == "sst2@1"
 

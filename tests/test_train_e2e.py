@@ -16,6 +16,7 @@ from modelworks.data import sources
 from modelworks.evaluate import predict_split
 from modelworks.registry import Registry
 from modelworks.workflow import run_workflow
+from tests.conftest import assert_two_ranks
 from tests.test_idx import make_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,14 +72,29 @@ def test_production_alias_moves_only_past_the_gate(ray_local, modelworks_home):
     assert Registry().aliases("digits") == {"latest": 2, "production": 1}
 
 
+def _train_actors() -> dict[str, str]:
+    """Ray Train's controller and worker actors ever created on this cluster, dead ones included, as
+    id -> class name (the GCS actor table: ray.util.state needs the dashboard, which ray_local leaves out)."""
+    from ray._private import state
+
+    return {aid: a["ActorClassName"] for aid, a in state.actors().items()
+            if a.get("ActorClassName", "").endswith(("TrainController", "RayTrainWorker"))}
+
+
 def test_two_worker_ddp_on_two_cpus(ray_local, modelworks_home):
     cfg = digits("train.epochs=3", "train.workers=2")
+    before = _train_actors()
     result = run_workflow(cfg, log=lambda m: None)
+    # Ray Train started a controller and 2 worker actors (this also shows _train_actors sees them).
+    started = sorted(c.rsplit(".", 1)[-1] for a, c in _train_actors().items() if a not in before)
+    assert started.count("TrainController") >= 1 and started.count("RayTrainWorker") >= 2, started
     m = json.loads((Path(result.run_dir) / "checkpoint_epoch=3" / "metrics.json").read_text())
     # Both ranks' samples are counted: about the whole training split, not half of it.
     n_train = sum(len(b["label"]) for b in sources.digits_source(cfg.data).splits["train"].iter_batches())
     assert n_train - 64 <= m["train_samples"] <= n_train
     assert m["val_accuracy"] > 0.85 and result.test_accuracy > 0.85
+    # The run really had 2 workers: each rank recorded itself (worker_group), two processes, neither the driver.
+    assert_two_ranks(m["workers"])
 
 
 def cli(*args, env=None, merge=True):
@@ -193,7 +209,26 @@ def test_mnist_seed_recipe_reaches_98_percent_with_two_workers(ray_local, mnist_
 
 
 def test_gpu_request_without_gpus_fails_at_once(ray_local, modelworks_home):
+    """train.use_gpu on a cluster without GPUs is refused by the CPU/GPU plan, before Ray Train starts."""
     from modelworks.errors import UserError
 
-    with pytest.raises(UserError, match="GPU"):
-        run_workflow(digits("train.epochs=1", "train.use_gpu=true"), log=lambda m: None)
+    # ray_local starts Ray with num_gpus=0: honest on a GPU machine too (Ray would otherwise count its GPUs).
+    assert ray_local.cluster_resources().get("GPU", 0) == 0
+    trainers_before = _train_actors()
+    logged = []
+    with pytest.raises(UserError) as failed:
+        run_workflow(digits("train.epochs=1", "train.use_gpu=true"), log=logged.append)
+    # The one line the CLI prints (`error: ...`) names the problem and the fix.
+    message = str(failed.value)
+    assert "\n" not in message
+    assert "asks for 1 GPU worker(s) but the Ray cluster has 0 GPU(s)" in message, message
+    assert "drop --gpu or add GPU nodes" in message, message
+    # Nothing trained: no Ray Train controller or worker was created, no epoch was logged or checkpointed, and
+    # the manifest records the train step as failed with that error, and nothing after it as run.
+    assert _train_actors() == trainers_before
+    run_dir = next((modelworks_home / "runs").iterdir())
+    assert not list(run_dir.glob("checkpoint_*"))
+    assert not [m for m in logged if "epoch 1/1" in str(m)], logged
+    steps = {s["name"]: s for s in json.loads((run_dir / "manifest.json").read_text())["steps"]}
+    assert steps["train"]["status"] == "failed" and "0 GPU(s)" in steps["train"]["error"], steps["train"]
+    assert all(steps[n]["status"] == "pending" for n in ("evaluate", "register")), steps

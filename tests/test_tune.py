@@ -239,6 +239,15 @@ def test_two_worker_trials_run_distributed_and_asha_stopped_ones_release_their_w
     assert all(r["epochs"] < 3 for r in by_status["stopped"])
     train_runs = Path(result.search_dir) / "train"  # one real Train run (checkpoint_epoch=N dirs) per trial
     assert sorted(p.name for p in train_runs.iterdir() if p.is_dir()) == sorted(r["trial_id"] for r in result.trials)
+    # ...on 2 ranks in 2 worker processes, as each trial's checkpoints record (one rank if it ran on 1 worker).
+    from modelworks.train import list_checkpoints
+    from tests.conftest import assert_two_ranks
+
+    for trial in result.trials:
+        saved = list_checkpoints(train_runs / trial["trial_id"])
+        assert saved, trial
+        for _, ckpt in saved:
+            assert_two_ranks(json.loads((ckpt / "metrics.json").read_text())["workers"])
     assert checkpoint.load(result.best_checkpoint).spec["hidden_sizes"] == [128, 64]
     available, total = _wait_resources_back(ray_local)
     assert available == pytest.approx(total), "Train workers of stopped trials still hold CPUs"

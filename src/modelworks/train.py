@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -80,13 +81,29 @@ def all_reduce(values: list[float], op=None) -> list[float]:
     return t.tolist()
 
 
+def worker_group(rank: int) -> dict:
+    """Who trained: the world size Ray Train gave this run and each rank's pid, host and Ray node, gathered
+    from every rank (a collective: every rank calls it at the same point of the loop). Recorded in each
+    checkpoint's metrics.json as ``workers``, so a run shows the DDP group it really had - a 2-worker run that
+    silently trained on one process would show one rank."""
+    me = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(),
+          "node_id": ray.get_runtime_context().get_node_id()}  # Ray
+    ranks = [me]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, me)
+    return {"world_size": ray.train.get_context().get_world_size(),  # Ray
+            "ranks": sorted(ranks, key=lambda r: r["rank"])}
+
+
 def report_epoch(metrics: dict, *, history: list[dict], progress: WorkerProgress, rank: int, log_line: str,
                  model: nn.Module, spec: dict, pre, cfg: WorkflowConfig, train_state: dict, dir_name: str,
                  saved_metrics: dict | None = None) -> None:
     """The end of an epoch (or of an evaluation round), the same for every training loop: record ``metrics``
     in ``history``, tell the console, print ``log_line`` to the worker's log, and on rank 0 save the
-    checkpoint (``saved_metrics`` are extra fields for its metrics.json) that ``ray.train.report`` (a barrier
-    for all ranks) files as ``dir_name``."""
+    checkpoint (``saved_metrics`` are extra fields for its metrics.json, plus ``workers``: ``worker_group``)
+    that ``ray.train.report`` (a barrier for all ranks) files as ``dir_name``."""
+    workers = worker_group(rank)
     history.append(metrics)
     progress.epoch(metrics)
     if rank == 0:  # the worker's log (runs/<run>/logs with the CLI); the console prints its own copy
@@ -96,7 +113,7 @@ def report_epoch(metrics: dict, *, history: list[dict], progress: WorkerProgress
         if rank == 0:
             inner = model.module if hasattr(model, "module") else model
             checkpoint.save(tmp, model=inner, spec=spec, preprocessor=pre,
-                            metrics={**metrics, "history": history, **(saved_metrics or {})},
+                            metrics={**metrics, "history": history, "workers": workers, **(saved_metrics or {})},
                             config=cfg.model_dump(mode="json"), train_state=train_state)
             ckpt = ray.train.Checkpoint.from_directory(tmp)  # Ray
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=dir_name)  # Ray

@@ -38,3 +38,9 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
         else:
             out[k] = column.to_numpy(zero_copy_only=False).astype(info["dtype"], copy=False)
     return out
+
+
+def parquet_rows(path: Path) -> int:
+    """Rows in a Parquet file or a folder of them (as Ray Data writes a split), read from the footers."""
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    return sum(pq.read_metadata(f).num_rows for f in files)

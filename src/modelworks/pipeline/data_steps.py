@@ -81,8 +81,8 @@ def ingest(ctx: Context) -> Output:
         rows = None
     (out / "source.json").write_text(json.dumps(meta))
     src = load_ingest(ctx, {})
-    if rows is None:
-        rows = {s: ds.count() for s, ds in src.splits.items()}
+    if rows is None:  # from the Parquet footers: no Ray Data pass
+        rows = {s: store.parquet_rows(out / s) for s in src.splits}
     where = f"{cfg.data.source} '{cfg.data.name}'" + (f" ({cfg.data.path})" if cfg.data.path else "")
     return Output({"rows": rows, "source": where}, ["data"], src,
                   f"{where}: {', '.join(f'{n:,} {s}' for s, n in rows.items())} rows")
@@ -148,9 +148,13 @@ def load_preprocess(ctx: Context, value: dict) -> tuple:
     return pre, datasets
 
 
-def split_texts(ds: ray.data.Dataset):
-    """Stream a split's texts to the driver in batches (the tokenizer trainer consumes an iterator)."""
-    for batch in ds.select_columns(["text"]).iter_batches(batch_size=4096, batch_format="numpy"):
+def split_texts(ds: ray.data.Dataset, labels: set | None = None):
+    """Stream a split's texts to the driver in batches (the tokenizer trainer consumes an iterator); with
+    ``labels``, the label values seen are added to it on the way, so one pass gives both."""
+    columns = ["text"] if labels is None else ["text", "label"]
+    for batch in ds.select_columns(columns).iter_batches(batch_size=4096, batch_format="numpy"):
+        if labels is not None:
+            labels.update(batch["label"].tolist())
         yield from (str(t) for t in batch["text"])
 
 
@@ -176,17 +180,20 @@ def _text_preprocessor(ctx: Context, src: sources.Source) -> text_data.TextPrepr
     """A WordPiece tokenizer fitted on the training split (and the pre-training corpus), or the tokenizer of
     the encoder a fine-tune starts from."""
     cfg = ctx.cfg
-    labels = src.splits["train"].unique("label")
+    labels: set = set()  # filled by the pass over the training texts (a Ray Data unique() is a second pass)
     encoder = init_encoder(cfg)
     if encoder is not None:
+        for _ in split_texts(src.splits["train"], labels):
+            pass
         pre = encoder.preprocessor.with_labels(*text_data.label_map(labels, src.class_names))
         ctx.console(f"      tokenizer: the encoder's ({pre.vocab_size} WordPiece tokens)")
         return pre
     corpus = pretrain_corpus(cfg)
-    texts = split_texts(src.splits["train"])
+    texts = split_texts(src.splits["train"], labels)
     if corpus is not None:
         texts = (t for part in (texts, split_texts(corpus)) for t in part)
-    pre = text_data.fit(texts, labels, src.class_names, cfg.model.vocab_size, cfg.model.max_len)
+    tokenizer = text_data.fit_tokenizer(texts, cfg.model.vocab_size, cfg.model.max_len)
+    pre = text_data.TextPreprocessor(tokenizer, cfg.model.max_len, *text_data.label_map(labels, src.class_names))
     ctx.console(f"      tokenizer: WordPiece, {pre.vocab_size} tokens fitted on the training split"
                 + (" and the pre-training corpus" if corpus is not None else ""))
     return pre
