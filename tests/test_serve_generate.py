@@ -220,7 +220,8 @@ def test_malformed_bodies_and_wrong_endpoints_are_4xx(served):
 def test_openapi_declares_generate(served):
     spec = requests.get(served["url"] + "/openapi.json", timeout=30).json()
     op = spec["paths"]["/generate"]["post"]
-    schema = op["requestBody"]["content"]["application/json"]["schema"]
+    ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]  # to components: it resolves
+    schema = spec["components"]["schemas"][ref.rpartition("/")[2]]
     assert {"prompt", "max_new_tokens", "temperature", "top_k", "seed", "stream"} <= set(schema["properties"])
     assert {"200", "400", "422", "503"} <= set(op["responses"])
     assert "text/plain" in op["responses"]["200"]["content"]

@@ -33,11 +33,12 @@ from fastapi.responses import Response, StreamingResponse
 from ray import serve
 
 from modelworks.config import ServeConfig
-from modelworks.serve import generate_schemas, schemas, v2_schemas
+from modelworks.serve import generate_schemas, http, schemas, v2_schemas
 from modelworks.serve.config_builder import deployment_options
 from modelworks.serve.generate_schemas import GenerateSpec
 from modelworks.serve.generation_engine import GenerationEngine
-from modelworks.serve.http import api, error_response, json_response, openapi_body, read_body, server_version
+from modelworks.serve.http import (api, error_response, error_responses, json_response, openapi_body, read_body,
+                                    server_version)
 from modelworks.serve.schemas import InputError, InputSpec, TableSpec, TextSpec
 
 log = logging.getLogger("ray.serve")
@@ -178,12 +179,15 @@ class ModelServer:
 
     def _ready(self) -> Served:
         if self.served is None:
-            raise InputError(503, "model", "is not loaded yet", "a retry in a few seconds")
+            why = f" ({self.last_error})" if self.last_error else ""
+            raise InputError(503, "model", f"is not loaded yet{why}", "a retry in a few seconds")
         return self.served
 
     # -- endpoints ---------------------------------------------------------------------------------------
+    # Each route's OpenAPI entry lists every status it answers (error_responses; tests/test_serve_openapi.py fuzzes
+    # the served document and fails on any other).
     @api.post("/predict", openapi_extra=openapi_body(schemas.PredictRequest),
-              responses={200: {"model": schemas.PredictResponse}, 422: {"model": schemas.ErrorResponse}})
+              responses={200: {"model": schemas.PredictResponse}, **error_responses(400, 408, 413, 415, 422, 503)})
     async def predict(self, request: Request) -> Response:
         try:
             served = self._ready()
@@ -215,11 +219,10 @@ class ModelServer:
 
     @api.post("/generate", openapi_extra=openapi_body(generate_schemas.GenerateRequest),
               responses={200: {"model": generate_schemas.GenerateResponse,
-                               "content": {"text/plain": {"schema": {"type": "string"},
-                                                          "description": "with stream: the new characters, "
-                                                                         "chunked as they are generated"}}},
-                         400: {"model": schemas.ErrorResponse, "description": "not a language model"},
-                         422: {"model": schemas.ErrorResponse}, 503: {"model": schemas.ErrorResponse}})
+                               "content": {"text/plain": {"schema": {"type": "string"}}},
+                               "description": "JSON; with stream, text/plain: the new characters, chunked as they "
+                                              "are generated"},
+                         **error_responses(400, 408, 413, 415, 422, 500, 503)})
     async def generate(self, request: Request) -> Response:
         try:
             served = self._ready()
@@ -255,32 +258,37 @@ class ModelServer:
         return json_response({"model": served.label, "prompt": params.prompt, "text": decode(out),
                               "tokens": len(out)})
 
-    @api.get("/healthz")
+    # 503 on every route: Ray Serve sheds any request when the queue is full.
+    @api.get("/healthz", responses={200: {"model": http.Health}, **error_responses(503)})
     async def healthz(self) -> Response:
         return json_response({"status": "ok"})
 
-    @api.get("/readyz")
+    @api.get("/readyz", responses={200: {"model": http.Readiness}, **error_responses(503)})
     async def readyz(self) -> Response:
-        s = self.served
-        if s is None:
-            return json_response({"ready": False, "error": self.last_error}, 503)
+        try:
+            s = self._ready()
+        except InputError as err:
+            return error_response(err)
         return json_response({"ready": True, "model": s.name, "model_version": s.version, "ref": s.ref,
                               "last_error": self.last_error})
 
     # Open Inference Protocol v2 (KServe / Triton REST) ---------------------------------------------------
-    @api.get("/v2")
+    @api.get("/v2", responses={200: {"model": http.V2ServerMetadata}, **error_responses(503)})
     async def v2_server(self) -> Response:
         return json_response({"name": "modelworks", "version": server_version(),
                               "extensions": ["binary_tensor_data"]})
 
-    @api.get("/v2/health/live")
+    @api.get("/v2/health/live", responses={200: {"model": http.V2Live}, **error_responses(503)})
     async def v2_live(self) -> Response:
         return json_response({"live": True})
 
-    @api.get("/v2/health/ready")
+    @api.get("/v2/health/ready", responses={200: {"model": http.V2Ready}, **error_responses(503)})
     async def v2_ready(self) -> Response:
-        ready = self.served is not None
-        return json_response({"ready": ready}, 200 if ready else 503)
+        try:
+            self._ready()
+        except InputError as err:
+            return error_response(err)
+        return json_response({"ready": True})
 
     def _model(self, name: str, version: str | None = None) -> Served:
         s = self._ready()
@@ -290,21 +298,22 @@ class ModelServer:
             raise InputError(404, "model_version", f"version {version!r} is not served here", f"{s.version!r}")
         return s
 
-    @api.get("/v2/models/{name}")
+    @api.get("/v2/models/{name}", responses={200: {"model": http.V2ModelMetadata}, **error_responses(404, 503)})
     async def v2_metadata(self, name: str) -> Response:
         try:
             return json_response(v2_schemas.model_metadata(self._model(name)))
         except InputError as err:
             return error_response(err)
 
-    @api.get("/v2/models/{name}/versions/{version}")
+    @api.get("/v2/models/{name}/versions/{version}",
+             responses={200: {"model": http.V2ModelMetadata}, **error_responses(404, 503)})
     async def v2_version_metadata(self, name: str, version: str) -> Response:
         try:
             return json_response(v2_schemas.model_metadata(self._model(name, version)))
         except InputError as err:
             return error_response(err)
 
-    @api.get("/v2/models/{name}/ready")
+    @api.get("/v2/models/{name}/ready", responses={200: {"model": http.V2ModelReady}, **error_responses(404, 503)})
     async def v2_model_ready(self, name: str) -> Response:
         try:
             s = self._model(name)
@@ -341,11 +350,12 @@ class ModelServer:
                         headers={v2_schemas.V2_HEADER_LENGTH: str(header_len)})
 
     @api.post("/v2/models/{name}/infer", openapi_extra=openapi_body(v2_schemas.V2InferRequest),
-              responses={200: {"model": v2_schemas.V2InferResponse}, 422: {"model": schemas.ErrorResponse}})
+              responses=http.V2_INFER_RESPONSES)
     async def v2_infer(self, name: str, request: Request) -> Response:
         return await self._v2_infer(request, name, None)
 
-    @api.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=openapi_body(v2_schemas.V2InferRequest))
+    @api.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=openapi_body(v2_schemas.V2InferRequest),
+              responses=http.V2_INFER_RESPONSES)
     async def v2_version_infer(self, name: str, version: str, request: Request) -> Response:
         return await self._v2_infer(request, name, version)
 

@@ -146,10 +146,12 @@ class PredictResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    error: str
-    field: str
+    """Every error this app answers (InputError.to_dict, and the 404/405 of an unknown path or method)."""
+    error: str = Field(..., description="one line: '<field>: <what is wrong>; expected <what is expected>'")
+    field: str = Field(..., description="what was wrong: a body field (e.g. inputs[0].shape), a header, body, "
+                                        "path, model_name, model, request, ...")
     expected: str
-    status: int
+    status: int = Field(..., description="the HTTP status, repeated")
 
 
 # -- validation --------------------------------------------------------------------------------------
