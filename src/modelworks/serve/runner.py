@@ -34,8 +34,10 @@ def connect(start_local: bool = True) -> None:
     apply_serve_env(local=not address and start_local)
     if address:
         ray.init(address=address, log_to_driver=False)
-    elif start_local:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    elif start_local:  # on loopback, with token auth (see init_private_ray)
+        from modelworks.runtime import init_private_ray
+
+        init_private_ray(log_to_driver=False)
     else:
         try:
             ray.init(address="auto", log_to_driver=False)
