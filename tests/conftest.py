@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ray_head import ray_head  # noqa: F401 - one `ray start --head` cluster for the session
+
 REPO = Path(__file__).resolve().parents[1]
 
 

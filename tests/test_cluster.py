@@ -1,11 +1,11 @@
-"""cluster/: the deployment files validate offline, and `ray job submit` really runs a workflow.
+"""cluster/: the deployment files validate offline, and the job API of a real cluster wants its token.
 
 (a) Offline: every KubeRay manifest validates against its CRD's openAPIV3Schema (strict: unknown fields fail, as
     with `kubectl apply --validate=strict`), the launcher YAML against Ray's ray-schema.json, and every command
     that runs modelworks names a workflow file that exists. Each check is also shown to reject a broken copy.
-(b) Real: a local `ray start --head` with token auth (own ports, own --temp-dir), `ray job submit` of
-    workflows/digits.py through the job API, and the registry in a tmp MODELWORKS_HOME gets the version.
-    Only the processes this test started are stopped (never `ray stop`: other Ray clusters share the host).
+(b) Real: a local `ray start --head` with token auth (tests/ray_head.py: own ports, own --temp-dir) refuses the
+    job API, and `ray job submit`, to a caller without its token. `modelworks submit` of a whole workflow through
+    it is tests/test_jobs.py.
 """
 from __future__ import annotations
 
@@ -14,22 +14,15 @@ import json
 import os
 import re
 import shlex
-import shutil
-import signal
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 
-from modelworks.serve.testing import free_port
 from tests.conftest import require_folder
+from tests.ray_head import RAY, _pids_of, http, stop_own_cluster  # noqa: F401 - test_console imports the last two
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -38,8 +31,6 @@ CLUSTER = REPO / "cluster"
 SCHEMAS = Path(os.environ.get("MODELWORKS_SCHEMAS") or REPO.parent / "shared" / "schemas") / "kuberay-v1.7"
 LAUNCHER = CLUSTER / "ray-cluster.yaml"
 RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
-VENV_BIN = Path(sys.executable).parent
-RAY = str(VENV_BIN / "ray")
 
 
 # ------------------------------------------------------------------------------------------ CRD -> JSON schema
@@ -406,98 +397,9 @@ def test_runtime_env_excludes_what_it_should_and_keeps_the_code():
     assert not runtime_env_matcher([])(".git/HEAD")
 
 
-# ---------------------------------------------------------------------------- (b) real `ray job submit`
-
-
-def _pids_of(marker: str) -> set[int]:
-    """Processes whose command line mentions marker (our own --temp-dir), plus all their descendants."""
-    parents, mine = {}, set()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        parents[int(d.name)] = ppid
-        if marker in cmd:
-            mine.add(int(d.name))
-    grew = True
-    while grew:
-        kids = {p for p, pp in parents.items() if pp in mine and p not in mine}
-        mine |= kids
-        grew = bool(kids)
-    mine.discard(os.getpid())
-    return mine
-
-
-def stop_own_cluster(marker: str, timeout: float = 10.0) -> set[int]:
-    """SIGTERM, then SIGKILL, only the processes of the cluster under our temp dir. Returns survivors."""
-    pids = _pids_of(marker)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            pids = {p for p in pids if Path(f"/proc/{p}").exists()
-                    and (Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z")}
-            if not pids:
-                return set()
-            time.sleep(0.2)
-    return pids
-
-
-def http(url: str, token: str | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A 1-node `ray start --head` cluster with token auth, on free ports, under its own short temp dir."""
-    import tempfile
-
-    base = Path(tempfile.mkdtemp(prefix="mwc-", dir="/tmp"))  # short: Ray's unix socket paths are length-capped
-    marker = str(base / "ray")
-    home = base / "home"
-    (home).mkdir()
-    gen = subprocess.run([RAY, "get-auth-token", "--generate"], env={**os.environ, "HOME": str(home)},
-                         capture_output=True, text=True, timeout=60)
-    token_file = home / ".ray" / "auth_token"
-    assert gen.returncode == 0 and token_file.is_file(), gen.stderr[-2000:]
-    token = token_file.read_text().strip()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    env.update(PATH=f"{VENV_BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN_PATH=str(token_file))
-    ports = {"gcs": free_port(), "dashboard": free_port(), "client": free_port(), "agent": free_port()}
-    cmd = [RAY, "start", "--head", "--num-cpus=2", f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={ports['dashboard']}", f"--ray-client-server-port={ports['client']}",
-           f"--dashboard-agent-listen-port={ports['agent']}", "--min-worker-port=0", "--max-worker-port=0",
-           "--disable-usage-stats", f"--temp-dir={marker}", "--include-dashboard=true"]
-    try:
-        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120,
-                                 start_new_session=True, cwd=base)
-        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
-        address = f"http://127.0.0.1:{ports['dashboard']}"
-        deadline = time.time() + 60
-        while http(f"{address}/api/version", token)[0] != 200:
-            assert time.time() < deadline, "dashboard did not come up"
-            time.sleep(0.5)
-        yield {"address": address, "token": token, "token_file": token_file, "env": env, "base": base}
-    finally:
-        survivors = stop_own_cluster(marker)
-        assert not survivors, f"could not stop our Ray processes {survivors}"
-        shutil.rmtree(base, ignore_errors=True)
-
-
+# ---------------------------------------------------------------------------- (b) the real job API
+# The cluster: the session's `ray_head` fixture (tests/ray_head.py). `modelworks submit` of a whole workflow
+# through it, with `modelworks jobs ...`, is tests/test_jobs.py.
 @pytest.mark.ray
 @pytest.mark.slow
 def test_job_api_refuses_callers_without_the_token(ray_head, tmp_path):
@@ -513,51 +415,3 @@ def test_job_api_refuses_callers_without_the_token(ray_head, tmp_path):
                             env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert denied.returncode != 0
     assert re.search(r"Authentication|401|Unauthorized", denied.stdout + denied.stderr), denied.stderr[-1500:]
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_ray_job_submit_runs_the_digits_workflow(ray_head, ray_local, tmp_path, modelworks_home):
-    address, token = ray_head["address"], ray_head["token"]
-    mw_home = tmp_path / "job_home"  # the job's own, fresh (modelworks_home holds the reference run below)
-    runtime_env = yaml.safe_load(RUNTIME_ENV.read_text())
-    runtime_env.pop("working_dir")  # given as --working-dir, as a user would
-    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "MODELWORKS_HOME": str(mw_home),
-                               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    job_id = f"modelworks-test-{uuid.uuid4().hex[:8]}"
-    t0 = time.time()
-    submit = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", ".",
-         "--runtime-env-json", json.dumps(runtime_env), "--",
-         "modelworks", "run", "workflows/digits.py", "--set", "train.epochs=2", "--json"],
-        env=ray_head["env"], cwd=REPO, capture_output=True, text=True, timeout=240)
-    took = time.time() - t0
-    status, body = http(f"{address}/api/jobs/{job_id}", token)
-    assert status == 200, body[:500]
-    info = json.loads(body)
-    logs = json.loads(http(f"{address}/api/jobs/{job_id}/logs", token)[1])["logs"]
-    assert info["status"] == "SUCCEEDED", f"{info['status']}: {info.get('message')}\n{logs[-3000:]}"
-    assert submit.returncode == 0, submit.stderr[-2000:]
-    # The job ran inside the uploaded working dir, without the excluded folders.
-    assert info["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
-    summary = json.loads([line for line in logs.splitlines() if line.startswith("{")][-1])
-    # A fresh MODELWORKS_HOME: the job's model is the first version there is.
-    assert summary["model"] == "digits@1", summary
-    # The registry under the job's MODELWORKS_HOME (not the test process's) has that version, complete.
-    vdir = mw_home / "registry" / "digits" / "1"
-    meta = json.loads((vdir / "version.json").read_text())
-    assert meta["test_accuracy"] == pytest.approx(summary["test_accuracy"])
-    assert (vdir / "checkpoint" / "model.json").is_file()
-    # The figures are the ones this seeded workflow gives: training is deterministic (fixed seed, same thread
-    # count; two fresh runs write byte-identical weights), so the same command run directly on this machine
-    # (same config digest, hence the same run name) must give exactly the job's accuracies. A reference run
-    # here, not a hard-coded figure: float rounding, hence a 2-epoch model, may differ on other CPUs.
-    from modelworks.config import apply_overrides, load_workflow
-    from modelworks.workflow import run_workflow
-
-    reference = run_workflow(apply_overrides(load_workflow(REPO / "workflows/digits.py"), ["train.epochs=2"]),
-                             log=lambda m: None)
-    assert summary["run"] == reference.run, (summary, reference)
-    assert (summary["test_accuracy"], summary["val_accuracy"]) == \
-        (reference.test_accuracy, reference.val_accuracy), (summary, reference)
-    print(f"ray job submit digits (2 epochs): {took:.1f} s, test_accuracy={summary['test_accuracy']:.4f}")

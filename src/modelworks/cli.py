@@ -59,6 +59,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"train.workers={args.workers}")
     if args.gpu:
         overrides.append("train.use_gpu=true")
+    if args.cluster:  # its address and storage into the environment, its --set items before the command line's
+        from modelworks.profiles import apply_to_run, load_profile
+
+        profile = load_profile(args.cluster)
+        overrides = apply_to_run(profile, apply_overrides(cfg, overrides), overrides, bool(args.resume)) + overrides
     cfg = apply_overrides(cfg, overrides)
     if args.resume:
         cfg = _config_of_run(args.resume, given_name=args.name, overrides=overrides)
@@ -231,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "finished steps are kept, the failed one resumes")
     run.add_argument("--rerun", action="append", metavar="STEP",
                      help="rerun STEP and every step downstream of it, cached or not (repeatable)")
+    run.add_argument("--cluster", metavar="PROFILE",
+                     help="run with cluster/profiles/PROFILE.yaml (a path also works): its Ray address, storage "
+                          "and workers (an explicit --set wins)")
     run.add_argument("--verbose", action="store_true",
                      help="show Ray's own output live (default: it goes to runs/<run>/logs/ray.log)")
     run.add_argument("--serve", action="store_true",
@@ -270,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands: each has add_commands(subparsers), whose parsers set `func`.
-EXTRA_COMMAND_MODULES = ("modelworks.serve.cli", "modelworks.tune.cli", "modelworks.runs")
+EXTRA_COMMAND_MODULES = ("modelworks.serve.cli", "modelworks.tune.cli", "modelworks.runs", "modelworks.jobs")
 
 
 def main(argv: list[str] | None = None) -> int:

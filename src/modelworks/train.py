@@ -274,6 +274,12 @@ def plan_cpus(workers: int, use_gpu: bool) -> CpuPlan:
         raise UserError(f"the Ray cluster has {total:g} CPUs; training needs more than {DATA_CPUS:g} "
                         f"(kept for Ray Data): start Ray with more CPUs")
     per_worker = min(1.0, free_for_workers / workers)
+    asked = os.environ.get("MODELWORKS_CPUS_PER_WORKER")  # a cluster profile's cpus_per_worker
+    if asked:
+        per_worker = float(asked)
+        if per_worker * workers > free_for_workers + 1e-9:
+            raise UserError(f"{workers} worker(s) x {per_worker:g} CPUs (the profile's cpus_per_worker) do not fit on "
+                            f"{total:g} CPUs with {DATA_CPUS:g} kept for data; lower cpus_per_worker or workers")
     if per_worker < 0.1:
         raise UserError(f"{workers} workers do not fit on {total:g} CPUs with {DATA_CPUS:g} kept for data; "
                         f"use --workers {int(free_for_workers / 0.1)} or fewer")
