@@ -3,6 +3,7 @@ errors in the app's one JSON shape ``{error, field, expected, status}`` (``schem
 document's request bodies and error responses, and reading a request body.
 """
 
+import functools
 import json
 from typing import Any, Literal
 
@@ -104,27 +105,29 @@ V2_INFER_RESPONSES = {
                          "(Inference-Header-Content-Length bytes), then the tensors' bytes"},
     **error_responses(400, 404, 408, 413, 415, 422, 503)}
 
-_BODY_MODELS: dict[str, type[BaseModel]] = {}  # the request bodies openapi_body declared, for openapi()
+# The request bodies openapi_body declared, for openapi(). Kept on the app, not in this module: Ray Serve serves a
+# copy of the app (pickled with the deployment), and a replica need not import the module that declared them.
+api.state.body_models = {}
 
 
 def openapi_body(model: type[BaseModel]) -> dict:
     """``openapi_extra`` declaring a route's JSON request body. The routes read their bodies themselves (read_body:
     size limit, binary tensor data, the app's own errors), so FastAPI does not know the model: it is declared here
     by reference, and openapi() adds it to the document's components."""
-    _BODY_MODELS[model.__name__] = model
+    api.state.body_models[model.__name__] = model
     return {"requestBody": {"required": True,
                             "content": {"application/json": {"schema": {"$ref": REF + model.__name__}}}}}
 
 
-def openapi() -> dict:
-    """FastAPI's document, completed: the request body models (and the models they use) in components, so every
-    $ref resolves; and without the 422 FastAPI adds to each route with a path parameter. That 422 would promise
-    FastAPI's own validation body, which this app never answers: a str path parameter cannot fail, and a
+def openapi(app: FastAPI) -> dict:
+    """``app``'s FastAPI document, completed: the request body models (and the models they use) in components, so
+    every $ref resolves; and without the 422 FastAPI adds to each route with a path parameter. That 422 would
+    promise FastAPI's own validation body, which this app never answers: a str path parameter cannot fail, and a
     validation error is ErrorResponse anyway (_validation_error)."""
-    if api.openapi_schema is None:
-        doc = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = doc.setdefault("components", {}).setdefault("schemas", {})
-        _, defs = models_json_schema([(m, "validation") for m in _BODY_MODELS.values()],
+        _, defs = models_json_schema([(m, "validation") for m in app.state.body_models.values()],
                                      ref_template=REF + "{model}")
         for name, schema in defs.get("$defs", {}).items():
             components.setdefault(name, schema)  # a model also in a response (V2Tensor) is there already
@@ -136,11 +139,13 @@ def openapi() -> dict:
                     del op["responses"]["422"]
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
-        api.openapi_schema = doc
-    return api.openapi_schema
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
-api.openapi = openapi  # FastAPI's documented way to replace the document (it is built once, on first use)
+# FastAPI's documented way to replace the document (it is built once, on first use). Bound to the app object itself:
+# the copy Ray Serve serves then documents its own routes, not those of this module's `api` in the replica.
+api.openapi = functools.partial(openapi, api)
 
 
 # -- the shapes of the small answers: documentation only (the routes write their JSON themselves) --------------
