@@ -59,6 +59,23 @@ def require_dataset(name: str) -> Path:
                           f"point MODELWORKS_DATA_DIR at a folder holding {name}/")
 
 
+def serve_fresh_registry(tmp_path_factory, label: str, register, model: str, cfg) -> tuple:
+    """`modelworks serve`'s runner serving ``model`` on a free port from a registry in a fresh MODELWORKS_HOME
+    (``label``: its folder's name) that ``register(registry)`` fills: (registry, home, url). The module's
+    fixture calls ``ray.serve.shutdown()`` when it is done."""
+    from modelworks.registry import Registry
+    from modelworks.serve import free_port, runner
+
+    home = tmp_path_factory.mktemp(label)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MODELWORKS_HOME", str(home))
+        reg = Registry(str(home / "registry"))
+        register(reg)
+        port = free_port()
+        runner.start(model, registry=reg.uri, serve_config=cfg, port=port)
+    return reg, home, f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture
 def mnist_dir() -> Path:
     return require_dataset("mnist")

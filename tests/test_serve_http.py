@@ -17,8 +17,8 @@ import requests
 import yaml
 
 from modelworks.config import ServeConfig
-from modelworks.registry import Registry
 from modelworks.serve.testing import digits_data, free_port, register_digits
+from tests.conftest import serve_fresh_registry
 
 pytestmark = pytest.mark.ray
 
@@ -27,21 +27,16 @@ pytestmark = pytest.mark.ray
 def served(ray_local, tmp_path_factory):
     from ray import serve
 
-    from modelworks.serve import runner
-
-    home = tmp_path_factory.mktemp("serve_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MODELWORKS_HOME", str(home))
-        reg = Registry(str(home / "registry"))
+    def two_versions(reg):
         register_digits(reg, seed=0, steps=300)          # v1
         register_digits(reg, seed=1, steps=60, hidden=(16,))  # v2: different weights, different answers
         reg.set_alias("digits", "production", 1)
-        port = free_port()
-        cfg = ServeConfig(alias_poll_s=0.5, max_inputs=64, max_body_bytes=1 << 20, min_replicas=1, max_replicas=1)
-        runner.start("digits@production", registry=reg.uri, serve_config=cfg, port=port)
+
+    cfg = ServeConfig(alias_poll_s=0.5, max_inputs=64, max_body_bytes=1 << 20, min_replicas=1, max_replicas=1)
+    reg, home, url = serve_fresh_registry(tmp_path_factory, "serve_home", two_versions, "digits@production", cfg)
     x, y = digits_data()
     local = {v: reg.load(f"digits@{v}")[0] for v in (1, 2)}
-    yield {"url": f"http://127.0.0.1:{port}", "reg": reg, "home": home, "x": x, "y": y, "local": local}
+    yield {"url": url, "reg": reg, "home": home, "x": x, "y": y, "local": local}
     serve.shutdown()
 
 
@@ -306,16 +301,16 @@ def test_request_timeout_answers_503_and_the_app_keeps_serving(served):
     url = served["url"] + "/slow/predict"
     try:
         post(url, {"input": [0.0] * 64})  # the replica is up (a lone request: answered at once)
-        start = threading.Barrier(6)
+        start = threading.Barrier(12)
 
         def overlapping(_):
-            start.wait()  # all six leave together, so they are in the replica at the same time
+            start.wait()  # all twelve leave together, so they are in the replica at the same time
             t0 = time.perf_counter()
             r = post(url, {"input": [0.0] * 64})
             return r.status_code, r.json(), time.perf_counter() - t0
 
-        with ThreadPoolExecutor(6) as pool:
-            answers = list(pool.map(overlapping, range(6)))
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(overlapping, range(12)))
         timed_out = [body for code, body, _ in answers if code == 503]
         assert timed_out and all(code in (200, 503) for code, _, _ in answers), answers
         assert all(b["field"] == "request" and "timed out after 0.3s" in b["error"] for b in timed_out), timed_out

@@ -14,8 +14,8 @@ import requests
 import schemathesis
 
 from modelworks.config import ServeConfig
-from modelworks.registry import Registry
-from modelworks.serve.testing import free_port, register_digits
+from modelworks.serve.testing import register_digits
+from tests.conftest import serve_fresh_registry
 
 pytestmark = pytest.mark.ray
 
@@ -26,17 +26,9 @@ MAX_BODY = 16 * 1024
 def served(ray_local, tmp_path_factory):
     from ray import serve
 
-    from modelworks.serve import runner
-
-    home = tmp_path_factory.mktemp("serve_openapi_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MODELWORKS_HOME", str(home))
-        reg = Registry(str(home / "registry"))
-        register_digits(reg, seed=0, steps=20)
-        port = free_port()
-        cfg = ServeConfig(max_inputs=8, max_body_bytes=MAX_BODY, min_replicas=1, max_replicas=1, alias_poll_s=0)
-        runner.start("digits@latest", registry=reg.uri, serve_config=cfg, port=port)
-    url = f"http://127.0.0.1:{port}"
+    cfg = ServeConfig(max_inputs=8, max_body_bytes=MAX_BODY, min_replicas=1, max_replicas=1, alias_poll_s=0)
+    _, _, url = serve_fresh_registry(tmp_path_factory, "serve_openapi_home",
+                                     lambda reg: register_digits(reg, seed=0, steps=20), "digits@latest", cfg)
     yield {"url": url, "doc": requests.get(url + "/openapi.json", timeout=30).json()}
     serve.shutdown()
 

@@ -13,8 +13,8 @@ import pytest
 import requests
 
 from modelworks.config import ServeConfig
-from modelworks.registry import Registry
-from modelworks.serve.testing import free_port, register_text
+from modelworks.serve.testing import register_text
+from tests.conftest import serve_fresh_registry
 
 pytestmark = pytest.mark.ray
 
@@ -26,19 +26,11 @@ POSITIVE, NEGATIVE = "a gorgeous, witty film", "the story is dull and tedious fr
 def served(ray_local, tmp_path_factory):
     from ray import serve
 
-    from modelworks.serve import runner
-
-    home = tmp_path_factory.mktemp("serve_text_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MODELWORKS_HOME", str(home))
-        reg = Registry(str(home / "registry"))
-        register_text(reg)
-        port = free_port()
-        # A 20 ms batch window: the concurrent-requests test gets real multi-request batches.
-        cfg = ServeConfig(max_inputs=MAX_INPUTS, max_text_chars=MAX_CHARS, batch_wait_timeout_s=0.02,
-                          min_replicas=1, max_replicas=1, alias_poll_s=0)
-        runner.start("sentiment@latest", registry=reg.uri, serve_config=cfg, port=port)
-    yield {"url": f"http://127.0.0.1:{port}", "local": reg.load("sentiment@1")[0]}
+    # A 20 ms batch window: the concurrent-requests test gets real multi-request batches.
+    cfg = ServeConfig(max_inputs=MAX_INPUTS, max_text_chars=MAX_CHARS, batch_wait_timeout_s=0.02,
+                      min_replicas=1, max_replicas=1, alias_poll_s=0)
+    reg, _, url = serve_fresh_registry(tmp_path_factory, "serve_text_home", register_text, "sentiment@latest", cfg)
+    yield {"url": url, "local": reg.load("sentiment@1")[0]}
     serve.shutdown()
 
 

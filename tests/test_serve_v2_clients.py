@@ -13,8 +13,8 @@ import pytest
 import requests
 
 from modelworks.config import ServeConfig
-from modelworks.registry import Registry
-from modelworks.serve.testing import digits_data, free_port, register_digits
+from modelworks.serve.testing import digits_data, register_digits
+from tests.conftest import serve_fresh_registry
 
 pytestmark = pytest.mark.ray
 httpclient = pytest.importorskip("tritonclient.http")
@@ -28,19 +28,12 @@ N = 6
 def served(ray_local, tmp_path_factory):
     from ray import serve
 
-    from modelworks.serve import runner
-
-    home = tmp_path_factory.mktemp("serve_v2_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MODELWORKS_HOME", str(home))
-        reg = Registry(str(home / "registry"))
-        register_digits(reg, seed=0, steps=200)
-        port = free_port()
-        cfg = ServeConfig(max_inputs=16, max_body_bytes=MAX_BODY, min_replicas=1, max_replicas=1, alias_poll_s=0)
-        runner.start("digits@latest", registry=reg.uri, serve_config=cfg, port=port)
+    cfg = ServeConfig(max_inputs=16, max_body_bytes=MAX_BODY, min_replicas=1, max_replicas=1, alias_poll_s=0)
+    _, _, url = serve_fresh_registry(tmp_path_factory, "serve_v2_home",
+                                     lambda reg: register_digits(reg, seed=0, steps=200), "digits@latest", cfg)
     x, _ = digits_data()
-    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}", network_timeout=60.0)
-    yield {"url": f"http://127.0.0.1:{port}", "client": client, "x": x[:N].astype(np.float32)}
+    client = httpclient.InferenceServerClient(url=url.removeprefix("http://"), network_timeout=60.0)
+    yield {"url": url, "client": client, "x": x[:N].astype(np.float32)}
     client.close()
     serve.shutdown()
 

@@ -48,17 +48,23 @@ def report_failure(exc: BaseException, log_path, err) -> int:
     return 1
 
 
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """The config overrides `modelworks run`'s options give: its --set items, then --workers and --gpu."""
+    overrides = list(args.set or [])
+    if args.workers is not None:
+        overrides.append(f"train.workers={args.workers}")
+    if args.gpu:
+        overrides.append("train.use_gpu=true")
+    return overrides
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from modelworks.config import apply_overrides, load_workflow_file
     from modelworks.pipeline.graph import user_steps
 
     cfg, namespace = load_workflow_file(args.workflow)
     steps = user_steps(namespace)
-    overrides = list(args.set or [])
-    if args.workers is not None:
-        overrides.append(f"train.workers={args.workers}")
-    if args.gpu:
-        overrides.append("train.use_gpu=true")
+    overrides = run_overrides(args)
     if args.cluster:  # its address and storage into the environment, its --set items before the command line's
         from modelworks.profiles import apply_to_run, load_profile
 

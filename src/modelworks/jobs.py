@@ -39,10 +39,12 @@ def auth_headers() -> dict[str, str]:
     """The header the ``ray`` CLI sends: only with RAY_AUTH_MODE=token. Read here rather than left to the SDK,
     which reads Ray's config and token once per process (a process that started a Ray of its own keeps that
     one's)."""
+    from modelworks.runtime import ray_token_file
+
     if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
         return {}
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    path = ray_token_file()
     if not token and path.is_file():
         token = path.read_text().strip()
     if not token:
@@ -153,7 +155,7 @@ class Jobs:
 def entrypoint(workflow: str, run_args: list[str], profile: Profile, working_dir: str | None) -> str:
     """``modelworks run WORKFLOW <profile's --set> <run_args> --json``, the workflow relative to the job's
     working dir. The run arguments are checked here, with the workflow's config, before anything is sent."""
-    from modelworks.cli import build_parser
+    from modelworks.cli import build_parser, run_overrides
     from modelworks.config import apply_overrides, load_workflow_file
 
     run = build_parser().parse_args(["run", workflow, *run_args])
@@ -166,8 +168,7 @@ def entrypoint(workflow: str, run_args: list[str], profile: Profile, working_dir
         except ValueError:
             raise UserError(f"{workflow} is outside the job's working_dir {working_dir}: the job sees only that "
                             f"folder (run from the checkout's root)") from None
-    given = list(run.set or []) + ([f"train.workers={run.workers}"] if run.workers is not None else []) \
-        + (["train.use_gpu=true"] if run.gpu else [])
+    given = run_overrides(run)
     cfg, _ = load_workflow_file(workflow)
     sets = [] if run.resume else profile.overrides(apply_overrides(cfg, given), given)
     words = ["modelworks", "run", there, *[w for s in sets for w in ("--set", s)], *run_args]

@@ -62,6 +62,12 @@ def init_private_ray(**kwargs) -> None:
     ray_private.init_loopback_ray(**{"include_dashboard": False, **kwargs})
 
 
+def ray_token_file() -> Path:
+    """The token file Ray and its CLI read when RAY_AUTH_TOKEN is unset: RAY_AUTH_TOKEN_PATH, else
+    ~/.ray/auth_token."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
 def use_token_auth() -> None:
     """Token auth on for the Ray about to start in this process (its daemons inherit the environment):
     RAY_AUTH_MODE=token, even where it said "disabled" (Ray 2.60 turns it on for a local ray.init() by default,
@@ -72,7 +78,7 @@ def use_token_auth() -> None:
     ray_private.enable_token_auth()
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         return
-    path = Path.home() / ".ray" / "auth_token"
+    path = ray_token_file()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.is_file():
         if path.stat().st_mode & 0o077:

@@ -1,6 +1,7 @@
 """Ray Serve deployment of registered models. Importing this package does not import Ray. One file per job:
 
     app.py                the Serve application: the ModelServer deployment, its routes, build() (imports Ray)
+    served.py             what a replica serves: a registry version loaded, with its input spec (Served)
     http.py               the FastAPI app the routes hang on, its JSON errors, reading a request body
     schemas.py            input validation (InputError, the input specs), the /predict request and response
     v2_schemas.py         the Open Inference Protocol v2: infer bodies, binary tensor data, responses, metadata

@@ -21,9 +21,7 @@ import asyncio
 import hashlib
 import logging
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,49 +33,14 @@ from ray import serve
 from modelworks.config import ServeConfig
 from modelworks.serve import generate_schemas, http, schemas, v2_schemas
 from modelworks.serve.config_builder import deployment_options
-from modelworks.serve.generate_schemas import GenerateSpec
 from modelworks.serve.generation_engine import GenerationEngine
 from modelworks.serve.http import (api, error_response, error_responses, json_response, openapi_body, read_body,
                                     server_version)
-from modelworks.serve.schemas import InputError, InputSpec, TableSpec, TextSpec
+from modelworks.serve.schemas import InputError
+from modelworks.serve.served import Served, load_served
 
 log = logging.getLogger("ray.serve")
 DEPLOYMENT = "ModelServer"
-
-
-@dataclass(frozen=True)
-class Served:
-    """One loaded registry version; swapped as a whole so a batch never sees half an update."""
-    ref: str
-    name: str
-    version: int
-    model: Any            # checkpoint.LoadedModel
-    spec: InputSpec | TextSpec | TableSpec | GenerateSpec
-    class_names: tuple[str, ...]
-    loaded_at: float
-
-    @property
-    def language_model(self) -> bool:
-        return isinstance(self.spec, GenerateSpec)
-
-    @property
-    def label(self) -> str:
-        return f"{self.name}@{self.version}"
-
-
-def load_served(ref: str, registry: str | None, cfg: ServeConfig) -> Served:
-    """Resolve and load from the registry (checksums verified by the one loader)."""
-    from modelworks.registry import Registry
-
-    reg = Registry(registry)
-    name, version = reg.resolve(ref)
-    loaded, version = reg.load(f"{name}@{version}")
-    source = (loaded.config.get("data") or {}).get("source")
-    if loaded.spec.get("head") == "lm":  # a language model: /generate, with its character vocabulary
-        spec = GenerateSpec(loaded.preprocessor.chars, cfg.max_prompt_chars, cfg.max_new_tokens)
-    else:
-        spec = schemas.spec_for(loaded.preprocessor, source, cfg.max_inputs, cfg.max_text_chars)
-    return Served(ref, name, version, loaded, spec, tuple(map(str, loaded.class_names)), time.time())
 
 
 @serve.deployment(name=DEPLOYMENT)

@@ -42,7 +42,7 @@ class GenerationEngine:
     again with the next request. At most ``max_batch`` sequences run at once; more wait their turn in order."""
 
     def __init__(self, served: Any, max_batch: int, executor: ThreadPoolExecutor):
-        """``served``: the replica's loaded model (``app.Served``); its ``model.model`` is the CausalLM."""
+        """``served``: the replica's loaded model (``served.Served``); its ``model.model`` is the CausalLM."""
         from modelworks.models.generation import BatchedGenerator
 
         self.served, self.max_batch, self.executor = served, max_batch, executor

@@ -376,7 +376,7 @@ def v2_response(model_name: str, model_version: str, req_id: str | None,
 
 
 def model_metadata(s: Any) -> dict:
-    """The model metadata answer (GET /v2/models/{name}) for ``s``, the model app.py serves (its ``Served``)."""
+    """The model metadata answer (GET /v2/models/{name}) for ``s``, the model app.py serves (``served.Served``)."""
     params: dict[str, Any] = {"class_names": list(s.class_names)}
     if s.language_model:  # not v2-inferable: described for discovery, answered at POST /generate
         return {"name": s.name, "versions": [str(s.version)], "platform": "pytorch_safetensors",
