@@ -112,3 +112,31 @@ def test_models_cli_list_show_promote(tmp_path, modelworks_home):
     assert shown["version"] == 1 and "production" in shown["aliases"]
     bad = cli("promote", "digits", "9")
     assert bad.returncode == 2 and "no version 9" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_object_storage_checkpoints_are_pulled_into_the_run_folder(tmp_path, monkeypatch):
+    """storage.pull, against a file:// URI standing in for a bucket (the real S3 path: test_multinode.py):
+    the complete checkpoints the run folder lacks come over, one cut off mid-upload (no sums) does not, one
+    Ray Train deleted there goes here too, and the snapshot is refreshed."""
+    from modelworks import storage
+
+    home, bucket = tmp_path / "home", tmp_path / "bucket"
+    monkeypatch.setenv("MODELWORKS_HOME", str(home))
+    monkeypatch.setenv(storage.ENV, f"file://{bucket}/")
+    remote_run = bucket / "runs" / "r1"
+    for epoch in (2, 3):
+        make_checkpoint(remote_run / f"checkpoint_epoch={epoch}", val_accuracy=epoch / 10)
+    (remote_run / "checkpoint_epoch=4").mkdir()
+    (remote_run / "checkpoint_epoch=4" / "model.safetensors").write_bytes(b"half")
+    (remote_run / storage.SNAPSHOT).write_text('{"latest": 3}')
+    run_dir = home / "runs" / "r1"
+    make_checkpoint(run_dir / "checkpoint_epoch=1")  # deleted on the bucket by keep_checkpoints since
+
+    assert storage.train_storage(home / "runs") == f"file://{bucket}/runs"
+    assert storage.pull(run_dir) == 2
+    assert sorted(p.name for p in run_dir.iterdir()) == \
+        ["checkpoint_epoch=2", "checkpoint_epoch=3", storage.SNAPSHOT]
+    assert checkpoint.load(run_dir / "checkpoint_epoch=3").metrics["val_accuracy"] == 0.3  # checksums verified
+    assert storage.pull(run_dir) == 0  # level already: nothing copied again
+    monkeypatch.delenv(storage.ENV)
+    assert storage.train_storage(home / "runs") == str(home / "runs") and storage.pull(run_dir) == 0

@@ -81,7 +81,7 @@ def test_node_local_storage_is_fine_on_one_node_and_shared_storage_on_many(tmp_p
     assert load_profile(str(write_profile(tmp_path / "a.yaml", storage="/tmp/mw"))).storage_env() == \
         {"MODELWORKS_HOME": "/tmp/mw"}
     many = load_profile(str(write_profile(tmp_path / "b.yaml", storage="s3://b/mw", nodes=4)))
-    assert many.storage_env() == {"MODELWORKS_REGISTRY": "s3://b/mw/registry"}
+    assert many.storage_env() == {"MODELWORKS_STORAGE": "s3://b/mw", "MODELWORKS_REGISTRY": "s3://b/mw/registry"}
     with pytest.raises(UserError, match="no cluster profile 'nope': cluster/profiles/nope.yaml not found"):
         load_profile("nope")
 
@@ -114,6 +114,8 @@ def test_cpus_per_worker_is_what_each_training_worker_asks_for(ray_local, monkey
     from modelworks.train import plan_cpus
 
     assert plan_cpus(1, False).cpus_per_worker == 1.0  # 2 CPUs, 1 kept for Ray Data: the default share
+    assert plan_cpus(2, False).cpus_per_worker == 0.5
+    assert plan_cpus(2, False, data_cpus=0).cpus_per_worker == 1.0  # data in the object store: nothing kept
     monkeypatch.setenv("MODELWORKS_CPUS_PER_WORKER", "0.25")
     assert plan_cpus(2, False).cpus_per_worker == 0.25
     monkeypatch.setenv("MODELWORKS_CPUS_PER_WORKER", "2")

@@ -8,8 +8,10 @@ multi-node cluster cannot share fails with one line naming the problem and the f
     address            run: RAY_ADDRESS (ray://HOST:10001, HOST:6379, auto; none = local Ray)
                        submit / jobs: the job API (http://HEAD:8265)
     storage            an absolute path: MODELWORKS_HOME (runs, checkpoints, registry)
-                       a URI (s3://, gs://): MODELWORKS_REGISTRY=<uri>/registry; runs stay in the cluster's own
-                       MODELWORKS_HOME (a volume every node mounts)
+                       a URI (s3://, gs://): MODELWORKS_STORAGE=<uri> (checkpoints: <uri>/runs, storage.py) and
+                       MODELWORKS_REGISTRY=<uri>/registry; the rest of a run folder (manifest, logs, cached
+                       data) stays in the driver's MODELWORKS_HOME. Credentials come from each node's
+                       environment, never from the profile
     workers            --set train.workers=N for a training run
     workers_per_trial  --set train.workers=N when the workflow searches (search.enabled)
     cpus_per_worker    MODELWORKS_CPUS_PER_WORKER (train.plan_cpus); a search: --set search.cpus_per_trial
@@ -47,7 +49,7 @@ class Profile(BaseModel):
 
     address: str | None = Field(None, description="ray://HOST:10001, HOST:PORT or auto for run; http(s)://HEAD:8265 "
                                                   "(the job API) for submit and jobs; none: the local Ray")
-    storage: str | None = Field(None, description="absolute path (MODELWORKS_HOME) or URI (the registry)")
+    storage: str | None = Field(None, description="absolute path (MODELWORKS_HOME) or URI (checkpoints, registry)")
     workers: int | None = Field(None, ge=1, description="training workers of a run")
     workers_per_trial: int | None = Field(None, ge=1, description="training workers of each search trial")
     cpus_per_worker: float | None = Field(None, gt=0)
@@ -94,9 +96,11 @@ class Profile(BaseModel):
 
     # -- what the profile becomes ------------------------------------------------------------------------
     def storage_env(self) -> dict[str, str]:
-        """MODELWORKS_HOME (a path) or MODELWORKS_REGISTRY (a URI), plus the CPU share per training worker."""
+        """MODELWORKS_HOME (a path) or MODELWORKS_STORAGE and MODELWORKS_REGISTRY (a URI), plus the CPU share
+        per training worker."""
         env = {}
         if self.storage and is_uri(self.storage):
+            env["MODELWORKS_STORAGE"] = self.storage.rstrip("/")
             env["MODELWORKS_REGISTRY"] = self.storage.rstrip("/") + "/registry"
         elif self.storage:
             env["MODELWORKS_HOME"] = self.storage.removeprefix("file://")

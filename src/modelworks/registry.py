@@ -12,6 +12,7 @@ Models are always read through ``load``, which verifies the checksums.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -109,7 +110,8 @@ class Registry:
         src = self._p(name, version, "checkpoint")
         if self.local:
             return Path(src)
-        dst = home() / "cache" / name / str(version)
+        # Keyed by the registry too: two buckets can both hold a digits@1.
+        dst = home() / "registry-cache" / hashlib.sha256(self.uri.encode()).hexdigest()[:12] / name / str(version)
         if not (dst / checkpoint.SUMS).is_file():
             dst.mkdir(parents=True, exist_ok=True)
             pafs.copy_files(src, str(dst), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())

@@ -25,6 +25,7 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from modelworks import checkpoint, ray_private
+from modelworks import storage as storage_mod
 from modelworks.console import Console, epoch_line
 from modelworks.config import WorkflowConfig
 from modelworks.data import preprocess
@@ -262,16 +263,17 @@ class CpuPlan:
     threads: int
 
 
-def plan_cpus(workers: int, use_gpu: bool) -> CpuPlan:
-    """Give the workers what is left after DATA_CPUS; fail at once when that cannot fit."""
+def plan_cpus(workers: int, use_gpu: bool, data_cpus: float = DATA_CPUS) -> CpuPlan:
+    """Give the workers what is left after ``data_cpus`` (DATA_CPUS while training reads through Ray Data,
+    0 when the data travels through the object store); fail at once when that cannot fit."""
     resources = ray.cluster_resources()
     if use_gpu and resources.get("GPU", 0) < workers:
         raise UserError(f"--gpu asks for {workers} GPU worker(s) but the Ray cluster has "
                         f"{resources.get('GPU', 0):g} GPU(s); drop --gpu or add GPU nodes")
     total = resources.get("CPU", 0.0)
-    free_for_workers = total - DATA_CPUS
+    free_for_workers = total - data_cpus
     if free_for_workers <= 0:
-        raise UserError(f"the Ray cluster has {total:g} CPUs; training needs more than {DATA_CPUS:g} "
+        raise UserError(f"the Ray cluster has {total:g} CPUs; training needs more than {data_cpus:g} "
                         f"(kept for Ray Data): start Ray with more CPUs")
     per_worker = min(1.0, free_for_workers / workers)
     asked = os.environ.get("MODELWORKS_CPUS_PER_WORKER")  # a cluster profile's cpus_per_worker
@@ -279,9 +281,9 @@ def plan_cpus(workers: int, use_gpu: bool) -> CpuPlan:
         per_worker = float(asked)
         if per_worker * workers > free_for_workers + 1e-9:
             raise UserError(f"{workers} worker(s) x {per_worker:g} CPUs (the profile's cpus_per_worker) do not fit on "
-                            f"{total:g} CPUs with {DATA_CPUS:g} kept for data; lower cpus_per_worker or workers")
+                            f"{total:g} CPUs with {data_cpus:g} kept for data; lower cpus_per_worker or workers")
     if per_worker < 0.1:
-        raise UserError(f"{workers} workers do not fit on {total:g} CPUs with {DATA_CPUS:g} kept for data; "
+        raise UserError(f"{workers} workers do not fit on {total:g} CPUs with {data_cpus:g} kept for data; "
                         f"use --workers {int(free_for_workers / 0.1)} or fewer")
     physical = os.cpu_count() or 1
     threads = max(1, physical // workers) if ray_is_local() else max(1, int(per_worker))
@@ -304,7 +306,9 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def resume_epoch(run_dir: Path) -> int:
-    """The epoch (or step) Train V2 will resume after: its snapshot's latest checkpoint (0 when starting fresh)."""
+    """The epoch (or step) Train V2 will resume after: its snapshot's latest checkpoint (0 when starting fresh).
+    With object storage, the run folder's copy is brought level with it first (storage.pull)."""
+    storage_mod.pull(run_dir)
     m = CKPT_RE.match(ray_private.latest_train_checkpoint(run_dir) or "")
     return int(m.group(1)) if m else 0
 
@@ -356,9 +360,10 @@ def run_trainer(loop, loop_config: dict, datasets: dict, cfg: WorkflowConfig, st
     or for data that fits in memory ``{"x", "y"}`` arrays per split, which the workers read from the object
     store (no Ray Data pipeline: its coordinator actors cost seconds to start). ``progress``: a
     ``progress.ProgressBoard`` rank 0 reports to."""
-    plan = plan_cpus(cfg.train.workers, cfg.train.use_gpu)
+    in_memory = isinstance(datasets["train"], dict)  # arrays that fit in memory: the object store, not Ray Data
+    plan = plan_cpus(cfg.train.workers, cfg.train.use_gpu, data_cpus=0.0 if in_memory else DATA_CPUS)
     loop_config = {**loop_config, "threads": plan.threads, "progress": progress}
-    if isinstance(datasets["train"], dict):  # arrays that fit in memory: the object store, not a Ray Data pipeline
+    if in_memory:
         loop_config["arrays"] = {s: ray.put(datasets[s]) for s in ("train", "val")}  # Ray
         datasets = None
     else:
@@ -370,8 +375,9 @@ def run_trainer(loop, loop_config: dict, datasets: dict, cfg: WorkflowConfig, st
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker}),
         run_config=RunConfig(
-            name=name, storage_path=str(storage),
+            name=name, storage_path=storage_mod.train_storage(storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=checkpoints_kept(cfg),
         ),
     ).fit()
+    storage_mod.pull(storage / name)  # object storage: evaluate and register read the run folder's copy

@@ -156,12 +156,23 @@ def _to_xy(batch: dict, cfg: DataConfig) -> dict:
     return {"x": x, "label": np.asarray(batch[cfg.label_column])}
 
 
+def ray_path(path: str | Path) -> str:
+    """A file or folder on this machine's disk as Ray Data should name it. On a multi-node cluster its read
+    and write tasks may run on another node, which lacks the folder; ``local://`` keeps them on this one.
+    A URI (s3://...), which every node reads, is left as it is."""
+    path = str(path)
+    if "://" in path or len([n for n in ray.nodes() if n.get("Alive")]) <= 1:
+        return path
+    return "local://" + str(Path(path).resolve())
+
+
 def _read_table(path: str, fmt: str) -> ray.data.Dataset:
     fmt = fmt if fmt != "auto" else ("csv" if ".csv" in path.lower() else "parquet")
     # As pandas reads a CSV: NA, null, NaN (and empty) cells are missing in text columns too, not the string "NA".
     convert = pacsv.ConvertOptions(strings_can_be_null=True)
     try:
-        return ray.data.read_csv(path, convert_options=convert) if fmt == "csv" else ray.data.read_parquet(path)
+        where = ray_path(path)
+        return ray.data.read_csv(where, convert_options=convert) if fmt == "csv" else ray.data.read_parquet(where)
     except (FileNotFoundError, OSError) as err:
         raise DataError(f"cannot read table {path}: {err}; check data.path") from None
 

@@ -77,7 +77,7 @@ def ingest(ctx: Context) -> Output:
         rows = {s: len(a["label"]) for s, a in src.arrays.items()}
     else:  # one pass over the source; every later step reads these files
         for split, ds in src.splits.items():
-            ds.write_parquet(str(out / split))
+            ds.write_parquet(sources.ray_path(out / split))
         rows = None
     (out / "source.json").write_text(json.dumps(meta))
     src = load_ingest(ctx, {})
@@ -98,7 +98,7 @@ def load_ingest(ctx: Context, value: dict):
         arrays = {s: store.read_arrays(folder / f"{s}.parquet") for s in SPLITS if (folder / f"{s}.parquet").exists()}
         return sources.Source({s: sources.arrays_dataset(a) for s, a in arrays.items()}, meta["class_names"],
                               meta["image_shape"], meta["roles"], arrays)
-    splits = {s: ray.data.read_parquet(str(folder / s)) for s in SPLITS if (folder / s).is_dir()}
+    splits = {s: ray.data.read_parquet(sources.ray_path(folder / s)) for s in SPLITS if (folder / s).is_dir()}
     return sources.Source(splits, meta["class_names"], meta["image_shape"], meta["roles"])
 
 
@@ -116,7 +116,7 @@ def preprocess_step(ctx: Context) -> Output:
     elif cfg.model.name == "transformer":
         pre = _text_preprocessor(ctx, src)
         for split in ("train", "val"):  # tokenised once; training and every rerun read the token ids
-            pre.apply(src.splits[split]).write_parquet(str(out / split))
+            pre.apply(src.splits[split]).write_parquet(sources.ray_path(out / split))
         result = f"{pre.num_classes} classes {pre.class_names}, max_len {pre.max_len}"
     else:
         pre = fit_preprocessor(cfg, src, ctx.console)
@@ -124,7 +124,7 @@ def preprocess_step(ctx: Context) -> Output:
             if src.arrays is not None:  # on the driver already: the same transform, no Ray Data pass
                 store.write_arrays(out / f"{split}.parquet", pre(src.arrays[split]))
             else:
-                pre.apply(src.splits[split]).write_parquet(str(out / split))
+                pre.apply(src.splits[split]).write_parquet(sources.ray_path(out / split))
         result = describe_preprocessor(cfg, pre)
     (out / "preprocessor").mkdir()
     for name, text in pre.files().items():
@@ -144,7 +144,7 @@ def load_preprocess(ctx: Context, value: dict) -> tuple:
         elif (folder / f"{split}.parquet").exists():
             datasets[split] = store.read_arrays(folder / f"{split}.parquet")
         else:
-            datasets[split] = ray.data.read_parquet(str(folder / split))
+            datasets[split] = ray.data.read_parquet(sources.ray_path(folder / split))
     return pre, datasets
 
 

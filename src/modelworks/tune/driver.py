@@ -228,6 +228,12 @@ def check_search(cfg: WorkflowConfig, search_dir: Path, resume: bool | None, *, 
     if before_ray:
         from ray import tune
 
+        from modelworks import storage
+
+        if storage.remote_root():
+            raise UserError(f"a search keeps its trials' checkpoints on a path every node sees, not yet on object "
+                            f"storage ({storage.ENV}={storage.remote_root()}): give the profile a shared mount "
+                            f"(e.g. /mnt/efs/modelworks) as storage, or train without search")
         if resume is False and tune.Tuner.can_restore(str(search_dir)):
             raise UserError(f"search '{search_dir.name}' already exists ({search_dir}); pass --resume to continue "
                             f"it (finished trials are kept) or --name to start another")
