@@ -100,7 +100,8 @@ class LocalCluster:
                    **node_env)
         self.env = env
         self.gcs_port = self.dashboard_port = None
-        self.nodes: dict[str, Path] = {}  # name -> its temp dir
+        self.nodes: dict[str, Path] = {}  # name -> its temp dir, for the nodes alive
+        self.workers_started = 0
 
     @property
     def address(self) -> str:
@@ -127,8 +128,12 @@ class LocalCluster:
             assert time.time() < deadline, "dashboard did not come up"
             time.sleep(0.5)
 
-    def add_node(self, name: str) -> None:
+    def add_node(self) -> str:
+        """Start a worker node; returns its name (w1, w2, ...: short, Ray's socket paths under it are capped)."""
+        self.workers_started += 1
+        name = f"w{self.workers_started}"
         self._start(name, [f"--address=127.0.0.1:{self.gcs_port}"])
+        return name
 
     def alive_nodes(self) -> list[dict]:
         status, body = http(f"{self.address}/api/v0/nodes?limit=100", self.token)
@@ -142,15 +147,25 @@ class LocalCluster:
             time.sleep(0.5)
         return nodes
 
+    def worker_nodes(self) -> list[str]:
+        return [name for name in self.nodes if name != "head"]
+
     def kill_node(self, name: str) -> int:
         """SIGKILL the node's raylet and every process it started (workers, agents): a machine lost at once."""
-        pids = _pids_of(str(self.nodes[name]))
+        pids = _pids_of(str(self.nodes.pop(name)))
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         return len(pids)
+
+    def serve_replicas(self) -> list[tuple[str, str]]:
+        """(state, node id or None before it is placed) of every Serve replica, from the dashboard's REST API."""
+        status, body = http(f"{self.address}/api/serve/applications/", self.token)
+        assert status == 200, body[:500]
+        return [(r["state"], r.get("node_id")) for app in json.loads(body).get("applications", {}).values()
+                for d in app["deployments"].values() for r in d["replicas"]]
 
     def logs_text(self) -> str:
         """Every file Ray wrote under the nodes' temp dirs (logs, runtime_env packages), as text."""

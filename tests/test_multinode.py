@@ -24,6 +24,7 @@ import yaml
 from modelworks.jobs import Jobs
 from modelworks.profiles import load_profile
 from modelworks.registry import Registry
+from modelworks.serve import free_port
 from tests.multinode import LocalCluster, S3Server
 from tests.ray_head import VENV_BIN
 
@@ -40,7 +41,7 @@ def cluster(tmp_path_factory):
     try:
         t0 = time.time()
         nodes.start_head()
-        nodes.add_node("worker1")
+        nodes.add_node()
         nodes.wait_for_nodes(2)
         profile = tmp_path_factory.mktemp("profile") / "two-nodes.yaml"
         profile.write_text(yaml.safe_dump({"address": nodes.address, "storage": f"s3://{s3.bucket}/{PREFIX}",
@@ -138,10 +139,11 @@ def test_a_lost_node_costs_no_finished_epoch(cluster, client):
         time.sleep(0.2)
     before = {n["node_id"] for n in nodes.alive_nodes()}
     t_kill = time.time()
-    assert nodes.kill_node("worker1") > 0
+    victim = nodes.worker_nodes()[0]
+    assert nodes.kill_node(victim) > 0
     at_kill = checkpoint_metrics(s3, "lose-a-node")
     done_at_kill = max(at_kill)
-    nodes.add_node("worker2")
+    nodes.add_node()  # the replacement
     while client.info(job_id).status.value in ("PENDING", "RUNNING"):
         assert time.time() < deadline + 300, client.logs(job_id)[-3000:]
         time.sleep(1)
@@ -151,7 +153,8 @@ def test_a_lost_node_costs_no_finished_epoch(cluster, client):
 
     # The run's history: every epoch's line exactly once, and the restart named the checkpoint it came from.
     trained = [int(m) for m in re.findall(rf"^\s*epoch (\d+)/{epochs} ", log, re.M)]
-    assert trained == list(range(1, epochs + 1)), trained
+    ray_log = nodes.home / "runs" / "lose-a-node" / "logs" / "ray.log"
+    assert trained == list(range(1, epochs + 1)), (trained, log[-3000:], ray_log.read_text()[-6000:])
     resumed = re.findall(r"training resumed from checkpoint_epoch=(\d+) \(attempt 2 of 2\)", log)
     assert len(resumed) == 1, log[-4000:]
     resumed_from = int(resumed[0])
@@ -166,3 +169,54 @@ def test_a_lost_node_costs_no_finished_epoch(cluster, client):
     assert_no_secret(cluster, client, job_id)
     print(f"node lost after checkpoint_epoch={done_at_kill}; resumed from checkpoint_epoch={resumed_from}; "
           f"job SUCCEEDED {took:.1f} s after the kill")
+
+
+def test_serve_on_two_nodes_survives_losing_one(cluster, client):
+    """2 replicas (1 CPU each) on the 2 nodes, the model read from the bucket, one HTTP entry point on the head;
+    under load, the worker node is SIGKILLed: >= 99 % of requests still succeed, and the lost replica comes
+    back on the node that replaces it."""
+    from tests.test_serve_fault import Load
+
+    nodes, s3 = cluster["nodes"], cluster["s3"]
+    registry = f"s3://{s3.bucket}/{PREFIX}/registry"
+    if not Registry(registry).versions("digits"):  # this test alone: make the model first
+        assert submit(cluster, "--name", "for-serve", "--set", "train.epochs=2").returncode == 0
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{nodes.gcs_port}"}
+    started = subprocess.run([str(VENV_BIN / "modelworks"), "serve", "digits@1", "--registry", registry,
+                              "--replicas", "2:2", "--set", "replica_cpus=1", "--set", "proxy_location=HeadOnly",
+                              "--port", str(port), "--detach"], env=env, cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+
+    def wait_for_two_replicas_on_two_nodes(timeout: float) -> set[str]:
+        deadline = time.time() + timeout
+        while True:
+            running = {node for state, node in nodes.serve_replicas() if state == "RUNNING"}
+            if len(running) == 2:
+                return running
+            assert time.time() < deadline, nodes.serve_replicas()
+            time.sleep(0.5)
+
+    before = wait_for_two_replicas_on_two_nodes(120)
+    victim = nodes.worker_nodes()[0]
+    url = f"http://127.0.0.1:{port}/predict"
+    with Load(url, clients=8) as load:
+        time.sleep(3)
+        t_kill = time.time()
+        nodes.kill_node(victim)
+        time.sleep(10)  # the replica is gone; the head's replica answers alone
+    codes = [code for _, code in load.results]
+    ok = sum(code == 200 for code in codes)
+    assert len(codes) > 200, len(codes)
+    assert ok / len(codes) >= 0.99, (ok, len(codes), sorted(set(codes)))
+    # A node returns (started without the load: a raylet must register within Ray's fixed 30 s).
+    nodes.add_node()
+    after = wait_for_two_replicas_on_two_nodes(180)
+    back = time.time() - t_kill
+    assert len(before & after) == 1, (before, after)  # the head's replica stayed; the other is on the new node
+    with Load(url, clients=8) as again:
+        time.sleep(3)
+    assert again.results and all(code == 200 for _, code in again.results), sorted({c for _, c in again.results})
+    print(f"serve on 2 nodes, node lost under load (8 clients): {ok}/{len(codes)} = {ok / len(codes):.2%} "
+          f"succeeded; 2 replicas running again {back:.1f} s after the kill (the node restarted after 10 s)")

@@ -267,6 +267,10 @@ class ServeConfig(_Strict):
     downscale_delay_s: float = Field(30.0, ge=0)
     replica_cpus: float = Field(0.5, gt=0, description="CPUs reserved per replica (2 replicas fit in 1 CPU)")
     alias_poll_s: float = Field(2.0, ge=0, description="replicas serving NAME@ALIAS re-resolve it this often; 0 = never")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="where Serve runs an HTTP proxy: on every node (a load balancer in front, the usual "
+                                 "cluster) or on the head only (one entry point; also several nodes on one machine, "
+                                 "whose proxies would all want the same port)")
     access_log: bool = Field(False, description="one log line per request in the replica's log; costs 5-15 % of "
                                                 "a replica's throughput (bench/serve_load.py), errors are logged anyway")
 

@@ -10,16 +10,18 @@ Events are small dicts with a ``kind``:
 - ``epoch``: an epoch's metrics as ``ray.train.report`` gets them.
 
 A worker never waits on the driver: a push is one actor call whose result nobody reads, and a lost event
-only costs a line of output. The board lives in the driver's job, so a worker group that dies and restarts
+only costs a line of output. The board lives in the driver's job, on the driver's node, so a worker group that dies and restarts
 (``FailureConfig``) keeps pushing to the same board; its second ``start`` is how the console learns of it.
 """
 from __future__ import annotations
 
 import threading
+import traceback
 import time
 from typing import Callable
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 # Often enough for a progress bar to move smoothly, rarely enough that the calls cost nothing measurable.
 BATCH_EVERY_S = 0.5
@@ -83,17 +85,25 @@ class FollowProgress:
 
     def _drain(self) -> None:
         for event in ray.get(self.board.take.remote()):  # Ray
-            self._on_event(event)
+            try:
+                self._on_event(event)
+            except Exception:  # noqa: BLE001 - one event the console could not show must not stop the rest
+                traceback.print_exc()
 
     def _poll(self) -> None:
         while not self._stop.wait(self._interval):
             try:
                 self._drain()
-            except Exception:  # noqa: BLE001 - progress is best effort; training goes on without it
+            except ray.exceptions.ActorDiedError:  # the board is gone (its node with it): nothing more to show
                 return
+            except Exception:  # noqa: BLE001 - progress is best effort: say why in the log, try again next time
+                traceback.print_exc()
 
     def __enter__(self):
-        self.board = ProgressBoard.remote()  # Ray
+        # Ray: on the driver's own node. Anywhere else, losing that node would silence the console for the
+        # rest of the run, though training resumes on the nodes left.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.board = ProgressBoard.options(scheduling_strategy=here).remote()
         self._thread = threading.Thread(target=self._poll, name="modelworks-progress", daemon=True)
         self._thread.start()
         return self.board

@@ -56,7 +56,7 @@ def build_config(model: str, *, registry: str, serve_config: ServeConfig, host: 
         "health_check_timeout_s": opts["health_check_timeout_s"],
     }
     config = {
-        "proxy_location": "EveryNode",
+        "proxy_location": serve_config.proxy_location,
         "http_options": {"host": host, "port": port, "request_timeout_s": serve_config.request_timeout_s},
         "applications": [{
             "name": app_name or model.partition("@")[0],

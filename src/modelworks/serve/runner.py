@@ -66,7 +66,8 @@ def start(model: str, *, registry: str | None = None, serve_config: ServeConfig 
     connect()
     if on_connected is not None:
         on_connected()
-    serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.request_timeout_s})
+    serve.start(proxy_location=cfg.proxy_location,
+                http_options={"host": host, "port": port, "request_timeout_s": cfg.request_timeout_s})
     serve.run(build(model, registry, cfg), name=app_name, route_prefix="/", blocking=False)
     state = {"model": model, "registry": registry, "serve": cfg.model_dump(mode="json"), "host": host,
              "port": port, "app": app_name}
