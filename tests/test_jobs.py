@@ -266,3 +266,16 @@ def test_modelworks_submit_runs_the_digits_workflow(ray_local, job_api, capsys):
     assert (summary["test_accuracy"], summary["val_accuracy"]) == \
         (reference.test_accuracy, reference.val_accuracy), (summary, reference)
     print(f"modelworks submit digits (2 epochs): {took:.1f} s, test_accuracy={summary['test_accuracy']:.4f}")
+
+
+def test_a_job_api_failure_is_one_line_with_the_servers_reason():
+    from modelworks.jobs import api_errors
+
+    with pytest.raises(UserError, match=r"^the Ray job API at http://h:8265 answered 500: No available agent to "
+                                        r"submit job, please try again later$"):
+        with api_errors("http://h:8265"):
+            raise RuntimeError("Request failed with status code 500: No available agent to submit job, "
+                               "please try again later..")
+    with pytest.raises(UserError, match=r"^no job 'j1' at http://h:8265 "):
+        with api_errors("http://h:8265", "j1"):
+            raise RuntimeError("Request failed with status code 404: Job j1 does not exist.")

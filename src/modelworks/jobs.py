@@ -32,6 +32,8 @@ from modelworks.errors import UserError
 from modelworks.profiles import Profile, is_uri, load_profile
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# A cluster just started refuses jobs until its dashboard agent is up; submit waits this long for it.
+AGENT_WAIT_S = 60.0
 
 
 # -- the SDK side ------------------------------------------------------------------------------------------
@@ -72,6 +74,10 @@ def api_errors(where: str, job_id: str | None = None):
     except RuntimeError as err:
         if job_id and ("404" in str(err) or "does not exist" in str(err)):
             raise UserError(f"no job '{job_id}' at {where} (`modelworks jobs list` shows them)") from None
+        failed = re.match(r"Request failed with status code (\d+): (.*)", str(err), re.S)
+        if failed:  # the SDK's message is the server's own text: one line of it
+            reason = failed.group(2).strip().splitlines()[0].rstrip(". ") if failed.group(2).strip() else "no reason"
+            raise UserError(f"the Ray job API at {where} answered {failed.group(1)}: {reason}") from None
         raise
 
 
@@ -100,9 +106,17 @@ class Jobs:
                 os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
     def submit(self, entrypoint: str, runtime_env: dict | None = None, submission_id: str | None = None) -> str:
-        with api_errors(self.where):
-            return self.client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,  # Ray
-                                          submission_id=submission_id)
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                with api_errors(self.where):
+                    return self.client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,  # Ray
+                                                  submission_id=submission_id)
+            except UserError as err:
+                # A cluster that has just started answers 500 until its dashboard agent is up ("try again later").
+                if "No available agent" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
     def info(self, job_id: str):
         with api_errors(self.where, job_id):
