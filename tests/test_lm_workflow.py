@@ -76,7 +76,7 @@ def test_killed_run_resumes_from_its_step_checkpoint_and_matches_an_uninterrupte
     while resume_epoch(run_dir) < 200:  # Ray Train has recorded checkpoint_step=200 as its latest
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.02)
-    workers = _worker_pids() - before
+    workers = _worker_pids(under=proc.pid) - before  # this run's own, not another job's
     assert len(workers) == 1, workers
     os.kill(workers.pop(), signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=600)

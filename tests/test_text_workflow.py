@@ -63,10 +63,80 @@ def encoder_digest(ckpt: Path) -> str:
     return checkpoint.state_digest(checkpoint.load(ckpt).model.encoder)
 
 
-def test_pretrain_then_finetune_chain_lineage_baseline_and_reuse_by_reference(ray_local, tmp_path, modelworks_home):
-    data = write_sentiment_csvs(tmp_path / "data")["train"].parent
-    result = run_workflow(tiny_text(data), log=lambda m: None)
-    run_dir = Path(result.run_dir)
+ROWS = 400  # training rows of the chained run's CSVs (validation and test: 80 each)
+
+
+def cli(*args, env: dict, merge=True):
+    return subprocess.Popen([sys.executable, "-m", "modelworks.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def killed_chain(tmp_path_factory):
+    """One pre-train -> fine-tune run through `modelworks run`, SIGKILLed (driver and the private Ray it
+    started) after fine-tune epoch 1, then rerun to the end: what the SIGKILL test checks, and the finished
+    chained run whose lineage the chain test checks. A whole chained run costs minutes of Ray Train start-up
+    on 2 CPUs; both tests read this one. Returns what was on disk before the rerun and what the rerun printed."""
+    home = tmp_path_factory.mktemp("text_chain")
+    data = write_sentiment_csvs(home / "data", rows=ROWS)["train"].parent
+    args = ["run", str(REPO / "workflows/sst2.py"), "--json", "--name", "killed",
+            "--set", f"data.path={data / 'train.csv'}", "--set", f"data.val_path={data / 'validation.csv'}",
+            "--set", f"data.test_path={data / 'test.csv'}", "--set", "model.d_model=32", "--set", "model.n_layers=1",
+            "--set", "model.n_heads=2", "--set", "model.d_ff=64", "--set", "model.max_len=24",
+            "--set", "model.vocab_size=200", "--set", "pretrain.epochs=2", "--set", "train.epochs=3",
+            # batch 2: fine-tune epochs long enough that the kill lands between epoch 1's checkpoint and epoch 3
+            "--set", "train.batch_size=2", "--set", "registry.min_accuracy=0"]
+    # MODELWORKS_JOIN_RAY=0: the CLI starts a private Ray that goes down with it, never joining a `ray start`
+    # cluster someone left running on this (shared) machine.
+    env = {**os.environ, "MODELWORKS_HOME": str(home / "mwhome"), "MODELWORKS_TRACKING": "0",
+           "MODELWORKS_PROGRESS": "0", "MODELWORKS_JOIN_RAY": "0"}
+    for name in ("RAY_ADDRESS", "MODELWORKS_REGISTRY"):  # as the per-test modelworks_home fixture does
+        env.pop(name, None)
+    proc = cli(*args, env=env)
+    run_dir = home / "mwhome" / "runs" / "killed"
+    deadline = time.time() + 400
+    while not (run_dir / "checkpoint_epoch=1" / "sha256sums").is_file():
+        assert proc.poll() is None and time.time() < deadline, "run ended or stalled before fine-tune epoch 1"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, as when the machine dies
+    proc.wait()
+    pretrained = {p.name: checkpoint.sha256(p / "model.safetensors") for _, p in list_checkpoints(run_dir / "pretrain")}
+    finished_before_rerun = sorted(p.name for p in run_dir.glob("checkpoint_epoch=*"))
+
+    rerun = cli(*args, env=env, merge=False)
+    stdout, stderr = rerun.communicate(timeout=600)
+    return {"home": home / "mwhome", "data": data, "run_dir": run_dir, "pretrained": pretrained,
+            "finished_before_rerun": finished_before_rerun, "returncode": rerun.returncode,
+            "stdout": stdout, "out": stderr + stdout}
+
+
+@pytest.mark.slow
+def test_sigkill_during_finetune_then_rerun_does_not_redo_pretraining(killed_chain):
+    run_dir, pretrained, out = killed_chain["run_dir"], killed_chain["pretrained"], killed_chain["out"]
+    assert list(pretrained) == ["checkpoint_epoch=1", "checkpoint_epoch=2"]
+    assert "checkpoint_epoch=3" not in killed_chain["finished_before_rerun"]
+    assert killed_chain["returncode"] == 0, out[-3000:]
+    assert "mlm epoch" not in out, "pre-training ran again"
+    assert re.search(r"pretrain +0\.0 s  cached \(this run\): encoder checkpoint_epoch=2", out), out[-3000:]
+    assert "resuming train from checkpoint_epoch=" in out and "classify epoch 1/3" not in out
+    for name, digest in pretrained.items():  # the finished step's checkpoints are untouched
+        assert checkpoint.sha256(run_dir / "pretrain" / name / "model.safetensors") == digest
+    history = json.loads((run_dir / "checkpoint_epoch=3" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    summary = json.loads(killed_chain["stdout"].strip().splitlines()[-1])
+    assert summary["run"] == "killed" and summary["model"] == "sst2@1"
+
+
+@pytest.mark.slow
+def test_pretrain_then_finetune_chain_lineage_baseline_and_reuse_by_reference(ray_local, killed_chain, monkeypatch):
+    """The chained run (killed_chain's, finished by its rerun), then two more in its MODELWORKS_HOME: the
+    from-scratch baseline and a fine-tune from the registered encoder."""
+    assert killed_chain["returncode"] == 0, killed_chain["out"][-3000:]
+    monkeypatch.setenv("MODELWORKS_HOME", str(killed_chain["home"]))  # its registry holds sst2-encoder@1
+    data = killed_chain["data"]
+    result = json.loads(killed_chain["stdout"].strip().splitlines()[-1])  # --json: the run's summary
+    run_dir = Path(result["run_dir"])
     pretrained = list_checkpoints(run_dir / "pretrain")
     assert [e for e, _ in pretrained] == [1, 2]
     assert checkpoint.load(pretrained[-1][1]).spec["head"] == "mlm"
@@ -75,8 +145,9 @@ def test_pretrain_then_finetune_chain_lineage_baseline_and_reuse_by_reference(ra
     assert first["init_from"] == str(pretrained[-1][1])
     assert first["init_encoder_sha256"] == encoder_digest(pretrained[-1][1])
     # ... and the tokenizer it reads text with is the pre-trained encoder's.
-    assert (Path(result.checkpoint) / "tokenizer.json").read_text() == (pretrained[-1][1] / "tokenizer.json").read_text()
-    assert result.model == "sst2@1" and result.val_accuracy > 0.8 and result.test_accuracy > 0.8
+    assert (Path(result["checkpoint"]) / "tokenizer.json").read_text() == \
+        (pretrained[-1][1] / "tokenizer.json").read_text()
+    assert result["model"] == "sst2@1" and result["val_accuracy"] > 0.8 and result["test_accuracy"] > 0.8
     reg = Registry()
     assert reg.versions("sst2-encoder") == [1] and reg.info("sst2-encoder", 1)["task"] == "mlm"
     report = (run_dir / "evaluation" / "report.md").read_text()
@@ -92,8 +163,8 @@ def test_pretrain_then_finetune_chain_lineage_baseline_and_reuse_by_reference(ra
     assert base_first["init_encoder_sha256"] != first["init_encoder_sha256"]
     assert reg.versions("sst2-encoder") == [1]  # no encoder minted without pre-training
     base_last = json.loads((base_checkpoints[-1][1] / "metrics.json").read_text())
-    # Both ranks' rows are counted: about the whole training split (600 rows), not half of it.
-    assert 600 - 2 * 16 <= base_last["train_samples"] <= 600
+    # Both ranks' rows are counted: about the whole training split, not half of it.
+    assert ROWS - 2 * 16 <= base_last["train_samples"] <= ROWS
     assert base_last["tokens_per_s"] > 0 and baseline.test_accuracy > 0.7
     assert_two_ranks(base_last["workers"])
 
@@ -105,48 +176,6 @@ def test_pretrain_then_finetune_chain_lineage_baseline_and_reuse_by_reference(ra
     assert reused_first["init_encoder_sha256"] == encoder_digest(reg.checkpoint_dir("sst2-encoder", 1))
     assert checkpoint.load(reused.checkpoint).spec["d_model"] == 32  # the encoder's width, not the config's
     assert reused.model == "sentiment-from-encoder@1" and reused.test_accuracy > 0.7
-
-
-def cli(*args, merge=True):
-    return subprocess.Popen([sys.executable, "-m", "modelworks.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True,
-                            env={**os.environ, "MODELWORKS_PROGRESS": "0"}, start_new_session=True)
-
-
-@pytest.mark.slow
-def test_sigkill_during_finetune_then_rerun_does_not_redo_pretraining(tmp_path, modelworks_home):
-    data = write_sentiment_csvs(tmp_path / "data", rows=400)["train"].parent
-    args = ["run", str(REPO / "workflows/sst2.py"), "--json", "--name", "killed",
-            "--set", f"data.path={data / 'train.csv'}", "--set", f"data.val_path={data / 'validation.csv'}",
-            "--set", f"data.test_path={data / 'test.csv'}", "--set", "model.d_model=32", "--set", "model.n_layers=1",
-            "--set", "model.n_heads=2", "--set", "model.d_ff=64", "--set", "model.max_len=24",
-            "--set", "model.vocab_size=200", "--set", "pretrain.epochs=2", "--set", "train.epochs=3",
-            "--set", "train.batch_size=2", "--set", "registry.min_accuracy=0"]
-    proc = cli(*args)
-    run_dir = modelworks_home / "runs" / "killed"
-    deadline = time.time() + 400
-    while not (run_dir / "checkpoint_epoch=1" / "sha256sums").is_file():
-        assert proc.poll() is None and time.time() < deadline, "run ended or stalled before fine-tune epoch 1"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, as when the machine dies
-    proc.wait()
-    pretrained = {p.name: checkpoint.sha256(p / "model.safetensors") for _, p in list_checkpoints(run_dir / "pretrain")}
-    assert list(pretrained) == ["checkpoint_epoch=1", "checkpoint_epoch=2"]
-    assert not (run_dir / "checkpoint_epoch=3").exists()
-
-    rerun = cli(*args, merge=False)
-    stdout, stderr = rerun.communicate(timeout=600)
-    out = stderr + stdout
-    assert rerun.returncode == 0, out[-3000:]
-    assert "mlm epoch" not in out, "pre-training ran again"
-    assert re.search(r"pretrain +0\.0 s  cached \(this run\): encoder checkpoint_epoch=2", out), out[-3000:]
-    assert "resuming train from checkpoint_epoch=" in out and "classify epoch 1/3" not in out
-    for name, digest in pretrained.items():  # the finished step's checkpoints are untouched
-        assert checkpoint.sha256(run_dir / "pretrain" / name / "model.safetensors") == digest
-    history = json.loads((run_dir / "checkpoint_epoch=3" / "metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]
-    summary = json.loads(stdout.strip().splitlines()[-1])
-    assert summary["run"] == "killed" and summary["model"] == "sst2@1"
 
 
 def test_sst2_read_as_it_ships(ray_local, modelworks_home):

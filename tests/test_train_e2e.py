@@ -60,18 +60,6 @@ def test_digits_end_to_end_registers_an_evaluated_model(ray_local, modelworks_ho
     assert again.model == "digits@1" and Registry().versions("digits") == [1]
 
 
-def test_production_alias_moves_only_past_the_gate(ray_local, modelworks_home):
-    first = run_workflow(digits("train.epochs=3", "registry.min_accuracy=0.5", "train.keep_checkpoints=null"),
-                         log=lambda m: None)
-    assert first.production
-    assert [p.name for p in sorted(Path(first.run_dir).glob("checkpoint_epoch=*"))] == \
-        [f"checkpoint_epoch={e}" for e in (1, 2, 3)]  # keep_checkpoints=null keeps every one
-    # A second model that must beat production by 50 points cannot take the alias.
-    second = run_workflow(digits("train.epochs=2", "registry.gate_margin=0.5"), log=lambda m: None)
-    assert second.model == "digits@2" and not second.production
-    assert Registry().aliases("digits") == {"latest": 2, "production": 1}
-
-
 def _train_actors() -> dict[str, str]:
     """Ray Train's controller and worker actors ever created on this cluster, dead ones included, as
     id -> class name (the GCS actor table: ray.util.state needs the dashboard, which ray_local leaves out)."""
@@ -81,12 +69,37 @@ def _train_actors() -> dict[str, str]:
             if a.get("ActorClassName", "").endswith(("TrainController", "RayTrainWorker"))}
 
 
-def test_two_worker_ddp_on_two_cpus(ray_local, modelworks_home):
-    cfg = digits("train.epochs=3", "train.workers=2")
+@pytest.fixture(scope="module")
+def two_worker_run(ray_local, tmp_path_factory):
+    """One 3-epoch digits run on 2 DDP workers, keeping every checkpoint, in a MODELWORKS_HOME of its own:
+    the 2-worker test checks its workers, the production-alias test its checkpoints and alias and then
+    registers a second model beside it (each digits run costs ~25 s of Ray Train start-up and training).
+    Returns the home, the config, the result and the Ray Train actors the run started."""
+    home = tmp_path_factory.mktemp("two_worker_run")
+    cfg = digits("train.epochs=3", "train.workers=2", "registry.min_accuracy=0.5", "train.keep_checkpoints=null")
     before = _train_actors()
-    result = run_workflow(cfg, log=lambda m: None)
-    # Ray Train started a controller and 2 worker actors (this also shows _train_actors sees them).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MODELWORKS_HOME", str(home))
+        result = run_workflow(cfg, log=lambda m: None)
     started = sorted(c.rsplit(".", 1)[-1] for a, c in _train_actors().items() if a not in before)
+    return {"home": home, "cfg": cfg, "result": result, "started": started}
+
+
+def test_production_alias_moves_only_past_the_gate(two_worker_run, monkeypatch):
+    monkeypatch.setenv("MODELWORKS_HOME", str(two_worker_run["home"]))  # the registry holding the first model
+    first = two_worker_run["result"]
+    assert first.model == "digits@1" and first.production
+    assert [p.name for p in sorted(Path(first.run_dir).glob("checkpoint_epoch=*"))] == \
+        [f"checkpoint_epoch={e}" for e in (1, 2, 3)]  # keep_checkpoints=null keeps every one
+    # A second model that must beat production by 50 points cannot take the alias.
+    second = run_workflow(digits("train.epochs=2", "registry.gate_margin=0.5"), log=lambda m: None)
+    assert second.model == "digits@2" and not second.production
+    assert Registry().aliases("digits") == {"latest": 2, "production": 1}
+
+
+def test_two_worker_ddp_on_two_cpus(two_worker_run):
+    cfg, result, started = two_worker_run["cfg"], two_worker_run["result"], two_worker_run["started"]
+    # Ray Train started a controller and 2 worker actors (this also shows _train_actors sees them).
     assert started.count("TrainController") >= 1 and started.count("RayTrainWorker") >= 2, started
     m = json.loads((Path(result.run_dir) / "checkpoint_epoch=3" / "metrics.json").read_text())
     # Both ranks' samples are counted: about the whole training split, not half of it.

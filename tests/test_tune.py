@@ -5,6 +5,7 @@ The integration tests run real Ray Tune trials on the session's local Ray (2 CPU
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -143,7 +144,8 @@ def test_asha_search_on_digits_finishes_stops_trials_early_and_registers_the_bes
     cfg = _cfg("search.enabled=true", "search.num_samples=5", "search.max_epochs=4", "search.grace_period=1",
                "search.reduction_factor=2", 'search.space.lr={"loguniform": [1e-5, 3e-2]}', "search.seed=1")
     t0 = time.time()
-    result = run_workflow(cfg, log=lambda m: None)
+    lines = []
+    result = run_workflow(cfg, log=lines.append)
     elapsed = time.time() - t0
 
     rows = json.loads((Path(result.run_dir) / "trials.json").read_text())
@@ -164,6 +166,12 @@ def test_asha_search_on_digits_finishes_stops_trials_early_and_registers_the_bes
     assert all(e["time"] < first_epoch2 for e in events if e.get("epoch") == 1), "a trial passed rung 1 alone"
     assert all(r["epochs"] < 4 for r in stopped)  # stopped trials used fewer epochs
     assert all(len(r["history"]) == r["epochs"] for r in rows)
+    # The console as the search went: a line per trial result, and one event line per trial ASHA stopped.
+    for r in rows:
+        results = [x for x in lines if re.match(rf"\s+trial {r['trial_id']} epoch \d/4  val_accuracy=", x)]
+        assert len(results) == r["epochs"], (r["trial_id"], results)
+        stops = [x for x in lines if f"trial {r['trial_id']} stopped by ASHA after epoch {r['epochs']} " in x]
+        assert len(stops) == (r["status"] == "stopped"), (r, stops)
     for name in ("trials.csv", "trials.json", "trials_val_accuracy.png"):
         assert (Path(result.run_dir) / name).stat().st_size > 0
     assert (Path(result.run_dir) / "trials.csv").read_text().count("\n") == 6
@@ -204,7 +212,9 @@ def test_tune_cli_fails_at_once_when_a_trial_can_never_be_scheduled(ray_local, c
     from modelworks.cli import main
 
     t0 = time.time()
-    rc = main(["tune", str(DIGITS), "--set", "train.workers=4", "--set", "search.cpus_per_trial=3"])
+    # --verbose: the process's own stdout/stderr stay where pytest captures them (without it, the CLI sends
+    # them to the search's log once its folder exists, as `modelworks run` does).
+    rc = main(["tune", str(DIGITS), "--verbose", "--set", "train.workers=4", "--set", "search.cpus_per_trial=3"])
     err = capsys.readouterr().err
     assert rc == 2 and "never start" in err and err.count("\n") == 1
     assert time.time() - t0 < 10
@@ -230,8 +240,11 @@ def test_two_worker_trials_run_distributed_and_asha_stopped_ones_release_their_w
     (the leak of ray-project/ray#54305 would leave their workers holding the CPUs)."""
     from modelworks.tune.cli import run_search
 
-    cfg = _cfg("search.enabled=true", "search.num_samples=3", "search.max_epochs=3", "search.grace_period=1",
-               "search.reduction_factor=2", "search.seed=1", "train.workers=2", "data.max_rows=600",
+    # 2 workers take both CPUs, so the trials run one after another, each a nested TorchTrainer (~40 s of
+    # start-up here). 2 trials are enough: seed 31 samples lr 1.4e-2 then 1.7e-5, so the first runs all 3
+    # epochs (ASHA passes the first result at a rung) and the second, far behind it at rung 1, is stopped.
+    cfg = _cfg("search.enabled=true", "search.num_samples=2", "search.max_epochs=3", "search.grace_period=1",
+               "search.reduction_factor=2", "search.seed=31", "train.workers=2", "data.max_rows=600",
                'search.space={"lr": {"loguniform": [1e-5, 3e-2]}}')
     result = run_search(cfg, register=False, log=lambda m: None)
     by_status = {s: [r for r in result.trials if r["status"] == s] for s in ("completed", "stopped")}

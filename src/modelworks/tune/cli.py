@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,28 +38,41 @@ def run_search(cfg: WorkflowConfig, *, name: str | None = None, data_dir: str | 
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from modelworks.cli import report_failure
     from modelworks.config import load_workflow
+    from modelworks.console import Console, terminal_copy
 
     cfg = apply_overrides(load_workflow(args.workflow), ["search.enabled=true", *(args.set or [])])
     if args.data_dir:
         os.environ["MODELWORKS_DATA_DIR"] = args.data_dir
-    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
-    result = run_search(cfg, name=args.name, data_dir=args.data_dir, resume=args.resume, log=log)
+    # As `modelworks run`: the console keeps a copy of the terminal; without --verbose, Ray's and Tune's own
+    # output go to runs/<search>/logs/ray.log once the search folder is known.
+    out, err = terminal_copy(1), terminal_copy(2)
+    console = Console(err if args.json else out, capture_to_run_logs=not args.verbose)
+    if not args.verbose:
+        os.environ.setdefault("MODELWORKS_PROGRESS", "0")  # Ray Data's progress bars: not in a log file
+    try:
+        result = run_search(cfg, name=args.name, data_dir=args.data_dir, resume=args.resume, log=console)
+    except Exception as exc:  # noqa: BLE001 - one line on the terminal, the traceback in the search's log
+        if console.log_path is None:
+            raise
+        return report_failure(exc, console.log_path, err)
     if args.json:
-        # Ray prints deduplicated worker log lines ("[repeated Nx across cluster]") with a delay; shut down
-        # first so none lands after the summary, which must be the last stdout line.
+        # Ray prints deduplicated worker lines ("[repeated Nx across cluster]") with a delay; shut down first
+        # so that, with --verbose, none lands after the summary, which must be the last stdout line.
         import ray
 
-        sys.stdout.flush()
         ray.shutdown()
-        print(json.dumps(asdict(result)), flush=True)
+        print(json.dumps(asdict(result)), file=out, flush=True)
     else:
-        print(f"best trial: {result.best_trial}  {json.dumps(result.best_params)}")
-        print(f"model:  {result.model or '(not registered)'}{'  [production]' if result.production else ''}")
-        print(f"test accuracy: {result.test_accuracy:.4f}  (val {result.val_accuracy:.4f}); "
-              f"{result.epochs_total} epochs over {len(result.trials)} trials in {result.seconds:.0f} s")
-        print(f"trials: {Path(result.search_dir) / 'trials.csv'}")
-        print(f"report: {result.report}")
+        console.summary([
+            ("best trial", f"{result.best_trial}  {json.dumps(result.best_params)}"),
+            ("model", f"{result.model or '(not registered)'}{'  [production]' if result.production else ''}"),
+            ("test", f"accuracy {result.test_accuracy:.4f}  (val {result.val_accuracy:.4f}); "
+                     f"{result.epochs_total} epochs over {len(result.trials)} trials in {result.seconds:.0f} s"),
+            ("trials", str(Path(result.search_dir) / "trials.csv")),
+            ("report", result.report),
+        ])
     return 0
 
 
@@ -73,4 +85,6 @@ def add_commands(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are kept")
     p.add_argument("--data-dir", help="dataset folder (default: $MODELWORKS_DATA_DIR)")
     p.add_argument("--json", action="store_true", help="last stdout line is a JSON summary")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and Tune's own output live (else in the "
+                                                          "search's logs/ray.log)")
     p.set_defaults(func=cmd_tune)

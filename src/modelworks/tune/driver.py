@@ -156,7 +156,8 @@ def search_trials(cfg: WorkflowConfig, pre, datasets: dict, search_dir: Path, *,
     from ray.tune.search import BasicVariantGenerator
 
     from modelworks.data.sources import arrays_dataset
-    from modelworks.tune import state
+    from modelworks.console import Console
+    from modelworks.tune import events, state
     from modelworks.tune.trial import ModelworksTrial
 
     if not cfg.search.space:
@@ -207,11 +208,16 @@ def search_trials(cfg: WorkflowConfig, pre, datasets: dict, search_dir: Path, *,
                 name=name, storage_path=str(root),
                 stop={"epoch": epochs_max},
                 failure_config=tune.FailureConfig(max_failures=0),
-                callbacks=[state.StateMirror(str(search_dir))],
+                callbacks=[state.StateMirror(str(search_dir)),
+                           events.TrialEvents(epochs_max, metric, cfg.search.num_samples, cfg.search.scheduler)],
                 verbose=0,
             ),
         )
-    grid = tuner.fit()
+    events.attach(Console.from_log(log))
+    try:
+        grid = tuner.fit()
+    finally:
+        events.attach(None)
 
     rows = _trial_table(list(grid), search_dir, epochs_max)
     write_outputs(rows, search_dir, f"{name}: validation accuracy per trial")
