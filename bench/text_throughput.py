@@ -1,7 +1,7 @@
 """Transformer training throughput (real tokens/s), side by side in one run on one machine, then ratios:
 
   plain      text_steps.train_step in a plain PyTorch loop over length-bucketed batches in memory
-  mw1, mw2   modelworks: Ray Data -> Ray Train TorchTrainer (train_text.fit_text, task "classify")
+  mw1, mw2   modelworks: Ray Data -> the object store -> Ray Train TorchTrainer (train_text.fit_text, task "classify")
              with 1 and 2 workers, on a real local Ray
 
 All variants train workflows/sst2.py's classifier (d_model 128, 4 layers, 4 heads, d_ff 512, max_len 64,

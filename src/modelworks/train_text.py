@@ -46,7 +46,8 @@ def text_model_spec(cfg: WorkflowConfig, pre: TextPreprocessor, task: str) -> di
 
 
 def _collect(shard) -> dict[str, np.ndarray]:
-    """This worker's shard as arrays (ids, length[, y]): read once, reused every epoch."""
+    """A worker's shard (or on the driver, a whole split) as arrays (ids, length[, y]): read once, reused
+    every epoch."""
     parts: dict[str, list] = {}
     for batch in shard.iter_batches(batch_size=8192, batch_format="numpy"):  # Ray
         for k, v in batch.items():
@@ -95,7 +96,11 @@ def text_train_loop(loop_cfg: dict) -> None:
         model.encoder.load_state_dict(checkpoint.load(init_from).model.encoder.state_dict())
     init_digest = checkpoint.state_digest(model.encoder) if hasattr(model, "encoder") else None
 
-    train_rows, val_rows = _collect(ray.train.get_dataset_shard("train")), _collect(ray.train.get_dataset_shard("val"))  # Ray
+    if "arrays" in loop_cfg:  # read by the driver, in the object store: this rank's every world-th row
+        train_rows, val_rows = ({k: v[rank::world] for k, v in ray.get(loop_cfg["arrays"][s]).items()}  # Ray
+                                for s in ("train", "val"))
+    else:
+        train_rows, val_rows = _collect(ray.train.get_dataset_shard("train")), _collect(ray.train.get_dataset_shard("val"))  # Ray
     accum = max(1, hp.grad_accum)
     local_bs = max(1, hp.batch_size // (world * accum))  # the configured batch is global
     # Every rank must take the same number of steps, or DDP's all-reduce waits forever.
@@ -187,6 +192,11 @@ def fit_text(cfg: WorkflowConfig, task: str, datasets: dict[str, ray.data.Datase
             console(f"      {step}: all {hp.epochs} epochs already done; skipping")
             return run_dir
         console(f"      resuming {step} from checkpoint_epoch={last} (epochs 1-{last} are done)")
+    # Token ids are small (SST-2's whole training split: ~17 MB) and every worker holds its shard in memory
+    # anyway: read them once here and hand them to the workers through the object store, as train.run_trainer
+    # does for images. A Ray Data pipeline inside Ray Train costs seconds of coordinator start-up per run.
+    datasets = {s: _collect(datasets[s]) if isinstance(datasets[s], ray.data.Dataset) else datasets[s]
+                for s in ("train", "val")}
     with console.training(task, cfg.train.max_failures + 1) as on_event, FollowProgress(on_event) as board:
         run_trainer(text_train_loop, {"config": cfg.model_dump(mode="json"), "task": task,
                                       "preprocessor": pre.to_json(), "spec": spec, "init_encoder": init_encoder},
