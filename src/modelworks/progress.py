@@ -7,7 +7,8 @@ Events are small dicts with a ``kind``:
   resumed from a checkpoint), ``batches`` per epoch, ``unit`` (samples or tokens), ``steps`` (a model
   trained by optimizer steps: the total; its epochs are then evaluation rounds of ``batches`` steps);
 - ``batch``: inside an epoch, at most every ``BATCH_EVERY_S``: ``epoch``, ``batch``, ``rate``, ``loss``;
-- ``epoch``: an epoch's metrics as ``ray.train.report`` gets them.
+- ``epoch``: an epoch's metrics as ``ray.train.report`` gets them, sent by Ray Train's controller once it has
+  recorded the epoch's checkpoint (``EpochRecorded``).
 
 A worker never waits on the driver: a push is one actor call whose result nobody reads, and a lost event
 only costs a line of output. The board lives in the driver's job, on the driver's node, so a worker group that dies and restarts
@@ -21,6 +22,7 @@ import time
 from typing import Callable
 
 import ray
+import ray.train
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 # Often enough for a progress bar to move smoothly, rarely enough that the calls cost nothing measurable.
@@ -64,8 +66,25 @@ class WorkerProgress:
             self._last = now
             self._push(kind="batch", epoch=epoch, batch=batch, rate=rate, loss=loss)
 
-    def epoch(self, metrics: dict) -> None:
-        self._push(kind="epoch", **{k: v for k, v in metrics.items() if k != "history"})
+
+
+class EpochRecorded(ray.train.UserCallback):
+    """The ``epoch`` event, sent from Ray Train's controller once it has recorded an epoch's report and
+    checkpoint: an epoch line on the console means the epoch is saved. (Sent by the worker before its
+    checkpoint was recorded, a line could show for an epoch that a lost node then made the run train
+    again.)"""
+
+    def __init__(self, board) -> None:
+        self.board = board
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if not metrics or "epoch" not in metrics[0]:
+            return
+        event = {"kind": "epoch", **{k: v for k, v in metrics[0].items() if k != "history"}}
+        try:  # waited for, so the last epoch's event is on the board before fit() returns to the driver
+            ray.get(self.board.push.remote(event), timeout=10)  # Ray
+        except Exception:  # noqa: BLE001 - progress is best effort; training must not fail over a console line
+            pass
 
 
 class FollowProgress:

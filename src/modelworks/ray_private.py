@@ -74,7 +74,10 @@ def latest_train_checkpoint(run_dir: Path) -> str | None:
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     if not snapshot.is_file():
         return None
-    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    except json.JSONDecodeError:  # read while Ray Train rewrites it in place (a run still going): none yet
+        return None
     return latest.get("checkpoint_dir_name")
 
 

@@ -32,7 +32,7 @@ from modelworks.data import preprocess
 from modelworks.data.preprocess import Preprocessor
 from modelworks.errors import UserError
 from modelworks.models import build_model
-from modelworks.progress import FollowProgress, WorkerProgress
+from modelworks.progress import EpochRecorded, FollowProgress, WorkerProgress
 
 # checkpoint_epoch=N (epochs) or checkpoint_step=N (language models, which train by steps)
 CKPT_RE = re.compile(r"^checkpoint_(?:epoch|step)=(\d+)$")
@@ -105,8 +105,7 @@ def report_epoch(metrics: dict, *, history: list[dict], progress: WorkerProgress
     checkpoint (``saved_metrics`` are extra fields for its metrics.json, plus ``workers``: ``worker_group``)
     that ``ray.train.report`` (a barrier for all ranks) files as ``dir_name``."""
     workers = worker_group(rank)
-    history.append(metrics)
-    progress.epoch(metrics)
+    history.append(metrics)  # the console's epoch line comes from the controller (progress.EpochRecorded)
     if rank == 0:  # the worker's log (runs/<run>/logs with the CLI); the console prints its own copy
         print(f"[modelworks] {log_line.strip()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -378,6 +377,7 @@ def run_trainer(loop, loop_config: dict, datasets: dict, cfg: WorkflowConfig, st
             name=name, storage_path=storage_mod.train_storage(storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=checkpoints_kept(cfg),
+            callbacks=[EpochRecorded(progress)] if progress is not None else None,
         ),
     ).fit()
     storage_mod.pull(storage / name)  # object storage: evaluate and register read the run folder's copy
