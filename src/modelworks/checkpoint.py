@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -150,3 +153,25 @@ def load(directory: str | Path, *, verify_sums: bool = True) -> LoadedModel:
 def load_train_state(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / "train_state.pt"
     return torch.load(path, weights_only=True) if path.is_file() else None
+
+
+def fetch(fs: pafs.FileSystem, src: str, dst: Path) -> Path:
+    """Copy the checkpoint folder ``src`` on ``fs`` (object storage, any pyarrow filesystem) to the local ``dst``,
+    whole or not at all: into a private folder beside it, then renamed. Several processes on one machine may
+    fetch the same checkpoint at once: a complete copy already at ``dst`` is kept, a partial one replaced."""
+    if (dst / SUMS).is_file():
+        return dst
+    tmp = dst.parent / f".{dst.name}.fetch{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        pafs.copy_files(src, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        try:
+            tmp.rename(dst)
+        except OSError:  # dst is there: another process's complete copy, or a stale partial one
+            if not (dst / SUMS).is_file():
+                shutil.rmtree(dst, ignore_errors=True)
+                tmp.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst

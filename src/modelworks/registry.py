@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -113,20 +112,8 @@ class Registry:
             return Path(src)
         # Keyed by the registry too: two buckets can both hold a digits@1.
         dst = home() / "registry-cache" / hashlib.sha256(self.uri.encode()).hexdigest()[:12] / name / str(version)
-        if not (dst / checkpoint.SUMS).is_file():
-            # Into a private folder, then renamed: replicas on one machine may fetch the same version at once.
-            tmp = dst.parent / f".{version}.{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            pafs.copy_files(src, str(tmp), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
-            try:
-                tmp.rename(dst)
-            except OSError:  # another process got there first (or a stale partial copy is in the way)
-                if not (dst / checkpoint.SUMS).is_file():
-                    shutil.rmtree(dst, ignore_errors=True)
-                    tmp.rename(dst)
-            shutil.rmtree(tmp, ignore_errors=True)
-        return dst
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        return checkpoint.fetch(self.fs, src, dst)
 
     def artifacts_dir(self, name: str, version: int) -> str:
         return self._p(name, version, "artifacts")

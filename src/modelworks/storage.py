@@ -76,12 +76,7 @@ def pull(run_dir: Path) -> int:
             continue
         if fs.get_file_info(f"{base}/{name}/{checkpoint.SUMS}").type == pafs.FileType.NotFound:
             continue  # an upload cut off by a failure: Ray Train's snapshot never names it
-        tmp = run_dir / f".{name}.pull{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        pafs.copy_files(f"{base}/{name}", str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-        tmp.rename(run_dir / name)
+        checkpoint.fetch(fs, f"{base}/{name}", run_dir / name)
         copied += 1
     for stale in run_dir.glob("checkpoint_*"):
         if stale.is_dir() and stale.name not in there:
