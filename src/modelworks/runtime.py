@@ -45,6 +45,16 @@ def ensure_ray(num_cpus: int | None = None) -> str:
     return how
 
 
+def alive_nodes() -> int:
+    """Nodes of the connected Ray cluster that are up now."""
+    return len([n for n in ray.nodes() if n.get("Alive")])
+
+
+def ray_is_local() -> bool:
+    """One node: every process of the run shares this machine's disk and cores."""
+    return alive_nodes() <= 1
+
+
 def init_private_ray(**kwargs) -> None:
     """Start a Ray for this process alone (``address="local"``: never joins a stale cluster) that nothing
     beyond loopback can reach, and that refuses a caller without the cluster token on loopback too:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from modelworks import checkpoint
-from modelworks.registry import home
+from modelworks.runtime import runs_root
 
 ENV = "MODELWORKS_STORAGE"
 # What a run folder holds of Ray Train's: its checkpoints and the snapshot that says which is the latest.
@@ -38,16 +38,12 @@ def remote_root() -> str | None:
     return uri.rstrip("/") or None
 
 
-def local_runs() -> Path:
-    return home() / "runs"
-
-
 def _remote_dir(local_dir: Path) -> str | None:
     """The object-storage twin of a folder under the local runs folder (None without object storage)."""
     root = remote_root()
     if root is None:
         return None
-    relative = Path(local_dir).resolve().relative_to(local_runs().resolve())
+    relative = Path(local_dir).resolve().relative_to(runs_root().resolve())
     return f"{root}/runs/{relative.as_posix()}" if str(relative) != "." else f"{root}/runs"
 
 

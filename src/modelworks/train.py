@@ -33,6 +33,7 @@ from modelworks.data.preprocess import Preprocessor
 from modelworks.errors import UserError
 from modelworks.models import build_model
 from modelworks.progress import EpochRecorded, FollowProgress, WorkerProgress
+from modelworks.runtime import ray_is_local
 
 # checkpoint_epoch=N (epochs) or checkpoint_step=N (language models, which train by steps)
 CKPT_RE = re.compile(r"^checkpoint_(?:epoch|step)=(\d+)$")
@@ -287,10 +288,6 @@ def plan_cpus(workers: int, use_gpu: bool, data_cpus: float = DATA_CPUS) -> CpuP
     physical = os.cpu_count() or 1
     threads = max(1, physical // workers) if ray_is_local() else max(1, int(per_worker))
     return CpuPlan(per_worker, threads)
-
-
-def ray_is_local() -> bool:
-    return len([n for n in ray.nodes() if n.get("Alive")]) <= 1
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

@@ -31,7 +31,7 @@ from modelworks.pipeline.builtins import default_graph
 from modelworks.pipeline.graph import Step
 from modelworks.pipeline.runner import RunOptions, Runner
 from modelworks.pipeline.types import Context
-from modelworks.runtime import ensure_ray, runs_root  # noqa: F401 - also imported from here by benches and tests
+from modelworks.runtime import alive_nodes, ensure_ray, runs_root  # noqa: F401 - also imported from here by benches and tests
 from modelworks.steps import model_name, passes_gate  # noqa: F401 - passes_gate: imported from here by tests
 from modelworks.tune.driver import check_search
 
@@ -77,7 +77,7 @@ def _claim_run_dir(run_dir: Path, cfg: WorkflowConfig) -> None:
 
 def describe_ray(how: str) -> str:
     resources = ray.cluster_resources()
-    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    nodes = alive_nodes()
     gpus = f", {resources['GPU']:g} GPUs" if resources.get("GPU") else ""
     return f"{how}: {nodes} node(s), {resources.get('CPU', 0):g} CPUs{gpus}"
 

@@ -160,8 +160,10 @@ def ray_path(path: str | Path) -> str:
     """A file or folder on this machine's disk as Ray Data should name it. On a multi-node cluster its read
     and write tasks may run on another node, which lacks the folder; ``local://`` keeps them on this one.
     A URI (s3://...), which every node reads, is left as it is."""
+    from modelworks.runtime import ray_is_local  # the driver only: Ray Data's tasks import this module too
+
     path = str(path)
-    if "://" in path or len([n for n in ray.nodes() if n.get("Alive")]) <= 1:
+    if "://" in path or ray_is_local():
         return path
     return "local://" + str(Path(path).resolve())
 

@@ -157,6 +157,7 @@ def search_trials(cfg: WorkflowConfig, pre, datasets: dict, search_dir: Path, *,
 
     from modelworks.data.sources import arrays_dataset
     from modelworks.console import Console
+    from modelworks.runtime import ray_is_local
     from modelworks.tune import events, state
     from modelworks.tune.trial import ModelworksTrial
 
@@ -174,8 +175,8 @@ def search_trials(cfg: WorkflowConfig, pre, datasets: dict, search_dir: Path, *,
     datasets = {s: (arrays_dataset(d) if isinstance(d, dict) else d).materialize() for s, d in datasets.items()}
     # Now that the data's size is known, cap the concurrency by memory too (every trial caches its shard).
     data_bytes = sum(int(d.size_bytes() or 0) for d in datasets.values())
-    plan = plan_trials(cfg, local=_ray_is_local())
-    plan = plan_trials(cfg, local=_ray_is_local(), trial_bytes=trial_memory_bytes(plan.workers, data_bytes))
+    plan = plan_trials(cfg, local=ray_is_local())
+    plan = plan_trials(cfg, local=ray_is_local(), trial_bytes=trial_memory_bytes(plan.workers, data_bytes))
     log(f"      {cfg.search.num_samples} trials x up to {epochs_max} epochs, {cfg.search.scheduler.upper()}, "
         f"{plan.describe()}" + (" (resuming)" if exists else ""))
     trainable = tune.with_resources(
@@ -244,7 +245,9 @@ def check_search(cfg: WorkflowConfig, search_dir: Path, resume: bool | None, *, 
             raise UserError(f"search '{search_dir.name}' already exists ({search_dir}); pass --resume to continue "
                             f"it (finished trials are kept) or --name to start another")
     else:
-        plan_trials(cfg, local=_ray_is_local())
+        from modelworks.runtime import ray_is_local
+
+        plan_trials(cfg, local=ray_is_local())
 
 
 def search_meta(cfg: WorkflowConfig, name: str, outcome: SearchOutcome) -> dict:
@@ -258,7 +261,3 @@ def search_meta(cfg: WorkflowConfig, name: str, outcome: SearchOutcome) -> dict:
             "trials": [{c: r[c] for c in TRIAL_TABLE_COLUMNS} | {"config": r["config"]} for r in outcome.rows]}
 
 
-def _ray_is_local() -> bool:
-    from modelworks.train import ray_is_local
-
-    return ray_is_local()
