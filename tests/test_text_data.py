@@ -13,7 +13,7 @@ import torch
 
 from modelworks import checkpoint
 from modelworks.config import DataConfig, validate
-from modelworks.data.sources import _read_text_rows
+from modelworks.data.text_files import _read_text_rows
 from modelworks.data.text import (CLS_ID, PAD_ID, SEP_ID, TOKENIZER_FILE, TextPreprocessor, drop_contained, fit,
                                   label_map, length_bucketed_batches, trim)
 from modelworks.errors import CheckpointError, DataError, UserError

@@ -23,7 +23,7 @@ from modelworks import registry as registry_mod
 from modelworks.config import SKLEARN_TABLES, WorkflowConfig
 from modelworks.data import chars as chars_mod
 from modelworks.data import corpus as corpus_mod
-from modelworks.data import preprocess, sources, store
+from modelworks.data import preprocess, sources, store, text_files
 from modelworks.data import text as text_data
 from modelworks.errors import UserError
 from modelworks.pipeline.types import Context, Output
@@ -161,7 +161,7 @@ def split_texts(ds: ray.data.Dataset, labels: set | None = None):
 def pretrain_corpus(cfg: WorkflowConfig):
     """The extra unlabelled text the pre-training step reads (and the tokenizer is fitted on), or None."""
     if "pretrain" in cfg.steps and cfg.pretrain.enabled and cfg.pretrain.corpus:
-        return sources.read_text_files(cfg.pretrain.corpus, cfg.data, labelled=False, fmt="lines")
+        return text_files.read_text_files(cfg.pretrain.corpus, cfg.data, labelled=False, fmt="lines")
     return None
 
 
