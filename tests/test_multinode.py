@@ -76,10 +76,10 @@ def submit(cluster, *run_args: str, wait: bool = True) -> subprocess.CompletedPr
 
 def checkpoint_metrics(s3: S3Server, run: str) -> dict[int, dict]:
     """epoch -> metrics.json of each complete checkpoint of the run, read from the bucket."""
-    found = {}
-    for key in s3.keys(f"{PREFIX}/runs/{run}"):
+    found, keys = {}, set(s3.keys(f"{PREFIX}/runs/{run}"))
+    for key in keys:
         m = re.fullmatch(rf"{PREFIX}/runs/{run}/checkpoint_epoch=(\d+)/metrics\.json", key)
-        if m and f"{key.rsplit('/', 1)[0]}/sha256sums" in s3.keys(key.rsplit("/", 1)[0]):
+        if m and f"{key.rsplit('/', 1)[0]}/sha256sums" in keys:
             found[int(m.group(1))] = json.loads(s3.read(key))
     return found
 

@@ -58,6 +58,19 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def run_console(args: argparse.Namespace):
+    """The console of `run` and `tune`, and its own copies of the terminal (out, err), which the summary and the
+    JSON line go to: without --verbose, the process's stdout/stderr (Ray's output) go to runs/<run>/logs/ray.log
+    once the run directory is known. With --json the console writes to stderr."""
+    from modelworks.console import Console, terminal_copy
+
+    out, err = terminal_copy(1), terminal_copy(2)
+    console = Console(err if args.json else out, capture_to_run_logs=not args.verbose)
+    if not args.verbose:
+        os.environ.setdefault("MODELWORKS_PROGRESS", "0")  # Ray Data's progress bars: not in a log file
+    return console, out, err
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from modelworks.config import apply_overrides, load_workflow_file
     from modelworks.pipeline.graph import user_steps
@@ -82,15 +95,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("\n".join(default_graph(cfg, steps).describe()))
         return 0
 
-    from modelworks.console import Console, terminal_copy
     from modelworks.workflow import result_json, run_workflow
 
-    # The console and the JSON line keep their own copies of the terminal: without --verbose, the process's
-    # stdout/stderr (Ray's output) go to runs/<run>/logs/ray.log once the run directory is known.
-    out, err = terminal_copy(1), terminal_copy(2)
-    console = Console(err if args.json else out, capture_to_run_logs=not args.verbose)
-    if not args.verbose:
-        os.environ.setdefault("MODELWORKS_PROGRESS", "0")  # Ray Data's progress bars: not in a log file
+    console, out, err = run_console(args)
     try:
         result = run_workflow(cfg, run_name=args.name, data_dir=args.data_dir, log=console, user_steps=steps,
                               no_cache=args.no_cache, rerun=tuple(args.rerun or ()))

@@ -76,7 +76,8 @@ def api_errors(where: str, job_id: str | None = None):
             raise UserError(f"no job '{job_id}' at {where} (`modelworks jobs list` shows them)") from None
         failed = re.match(r"Request failed with status code (\d+): (.*)", str(err), re.S)
         if failed:  # the SDK's message is the server's own text: one line of it
-            reason = failed.group(2).strip().splitlines()[0].rstrip(". ") if failed.group(2).strip() else "no reason"
+            text = failed.group(2).strip()
+            reason = text.splitlines()[0].rstrip(". ") if text else "no reason"
             raise UserError(f"the Ray job API at {where} answered {failed.group(1)}: {reason}") from None
         raise
 

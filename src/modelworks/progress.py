@@ -11,8 +11,9 @@ Events are small dicts with a ``kind``:
   recorded the epoch's checkpoint (``EpochRecorded``).
 
 A worker never waits on the driver: a push is one actor call whose result nobody reads, and a lost event
-only costs a line of output. The board lives in the driver's job, on the driver's node, so a worker group that dies and restarts
-(``FailureConfig``) keeps pushing to the same board; its second ``start`` is how the console learns of it.
+only costs a line of output. The board lives in the driver's job, on the driver's node, so a worker group
+that dies and restarts (``FailureConfig``) keeps pushing to the same board; its second ``start`` is how the
+console learns of it.
 """
 from __future__ import annotations
 
@@ -65,7 +66,6 @@ class WorkerProgress:
         if now - self._last >= BATCH_EVERY_S:
             self._last = now
             self._push(kind="batch", epoch=epoch, batch=batch, rate=rate, loss=loss)
-
 
 
 class EpochRecorded(ray.train.UserCallback):

@@ -98,13 +98,13 @@ def worker_group(rank: int) -> dict:
             "ranks": sorted(ranks, key=lambda r: r["rank"])}
 
 
-def report_epoch(metrics: dict, *, history: list[dict], progress: WorkerProgress, rank: int, log_line: str,
+def report_epoch(metrics: dict, *, history: list[dict], rank: int, log_line: str,
                  model: nn.Module, spec: dict, pre, cfg: WorkflowConfig, train_state: dict, dir_name: str,
                  saved_metrics: dict | None = None) -> None:
     """The end of an epoch (or of an evaluation round), the same for every training loop: record ``metrics``
-    in ``history``, tell the console, print ``log_line`` to the worker's log, and on rank 0 save the
-    checkpoint (``saved_metrics`` are extra fields for its metrics.json, plus ``workers``: ``worker_group``)
-    that ``ray.train.report`` (a barrier for all ranks) files as ``dir_name``."""
+    in ``history``, print ``log_line`` to the worker's log, and on rank 0 save the checkpoint (``saved_metrics``
+    are extra fields for its metrics.json, plus ``workers``: ``worker_group``) that ``ray.train.report`` (a
+    barrier for all ranks) files as ``dir_name``."""
     workers = worker_group(rank)
     history.append(metrics)  # the console's epoch line comes from the controller (progress.EpochRecorded)
     if rank == 0:  # the worker's log (runs/<run>/logs with the CLI); the console prints its own copy
@@ -250,7 +250,7 @@ def train_loop(loop_cfg: dict) -> None:
             "samples_per_s": seen / max(train_time, 1e-9),  # all ranks' samples per second
             "lr": lr_at(cfg, epoch),
         }
-        report_epoch(metrics, history=history, progress=progress, rank=rank,
+        report_epoch(metrics, history=history, rank=rank,
                      log_line=epoch_line('', metrics, cfg.train.epochs, 'samples'), model=model, spec=spec, pre=pre,
                      cfg=cfg, train_state={"optimizer": optimizer.state_dict(), "epoch": epoch},
                      dir_name=f"checkpoint_epoch={epoch}")

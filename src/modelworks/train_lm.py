@@ -146,7 +146,7 @@ def lm_train_loop(loop_cfg: dict) -> None:
             "tokens_per_s": count / max(train_time, 1e-9),  # all ranks' training tokens per second
             "lr": optimizer.param_groups[0]["lr"],
         }
-        report_epoch(metrics, history=history, progress=progress, rank=rank,
+        report_epoch(metrics, history=history, rank=rank,
                      log_line=epoch_line('', metrics, rounds, 'tokens', steps), model=model, spec=spec, pre=pre,
                      cfg=cfg, train_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                            "step": step},

@@ -169,7 +169,7 @@ def text_train_loop(loop_cfg: dict) -> None:
             "tokens_per_s": tokens / max(train_time, 1e-9),  # all ranks' real (non-padding) tokens per second
             "lr": optimizer.param_groups[0]["lr"],
         }
-        report_epoch(metrics, history=history, progress=progress, rank=rank,
+        report_epoch(metrics, history=history, rank=rank,
                      log_line=epoch_line(task, metrics, hp.epochs, 'tokens'), model=model, spec=spec, pre=pre, cfg=cfg,
                      train_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                   "epoch": epoch},

@@ -38,19 +38,13 @@ def run_search(cfg: WorkflowConfig, *, name: str | None = None, data_dir: str | 
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from modelworks.cli import report_failure
+    from modelworks.cli import report_failure, run_console
     from modelworks.config import load_workflow
-    from modelworks.console import Console, terminal_copy
 
     cfg = apply_overrides(load_workflow(args.workflow), ["search.enabled=true", *(args.set or [])])
     if args.data_dir:
         os.environ["MODELWORKS_DATA_DIR"] = args.data_dir
-    # As `modelworks run`: the console keeps a copy of the terminal; without --verbose, Ray's and Tune's own
-    # output go to runs/<search>/logs/ray.log once the search folder is known.
-    out, err = terminal_copy(1), terminal_copy(2)
-    console = Console(err if args.json else out, capture_to_run_logs=not args.verbose)
-    if not args.verbose:
-        os.environ.setdefault("MODELWORKS_PROGRESS", "0")  # Ray Data's progress bars: not in a log file
+    console, out, err = run_console(args)  # as `modelworks run`'s: Ray's and Tune's output in the search's log
     try:
         result = run_search(cfg, name=args.name, data_dir=args.data_dir, resume=args.resume, log=console)
     except Exception as exc:  # noqa: BLE001 - one line on the terminal, the traceback in the search's log
