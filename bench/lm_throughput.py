@@ -110,8 +110,9 @@ def main() -> None:
                                                                             "(a single local worker gets all cores)")
     ap.add_argument("--out", default=str(REPO / "bench/results/lm_throughput.json"))
     args = ap.parse_args()
+    # Every evaluation's checkpoint is kept: the time to the target loss is read from when it was written.
     cfg = apply_overrides(load_workflow(REPO / "workflows/shakespeare.py"),
-                          [f"train.max_steps={args.steps}", "registry.enabled=false"])
+                          [f"train.max_steps={args.steps}", "registry.enabled=false", "train.keep_checkpoints=null"])
     text = corpus.read_corpus(cfg.data, Path(args.data_dir), cfg.model.max_len)
     pre = chars.fit(text.train)
     print(f"plain loop: {args.steps} steps, {args.threads} thread(s) ...", flush=True)
