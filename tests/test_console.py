@@ -75,6 +75,47 @@ def test_terminal_console_draws_a_live_bar_that_leaves_no_lines_behind():
     assert [ln.split()[:2] for ln in lines] == [["epoch", "1/3"], ["epoch", "2/3"], ["epoch", "3/3"]], lines
 
 
+def _search(view) -> None:
+    """What a 3-trial search's callbacks tell the view: two trials report, one is stopped at epoch 1."""
+    view.update("t_00000", state="RUNNING", config={"lr": 0.003125, "batch_size": 64})
+    view.update("t_00001", state="RUNNING", config={"lr": 0.0002, "batch_size": 32})
+    view.result("t_00000", 1, 0.91, {"lr": 0.003125, "batch_size": 64}, "      trial t_00000 epoch 1/2  r1")
+    view.result("t_00001", 1, 0.61, {"lr": 0.0002, "batch_size": 32}, "      trial t_00001 epoch 1/2  r2")
+    view.update("t_00001", state="STOPPED")
+    view.console.event("      trial t_00001 stopped by ASHA after epoch 1")
+    view.result("t_00000", 2, 0.89, {"lr": 0.003125, "batch_size": 64}, "      trial t_00000 epoch 2/2  r3")
+    view.update("t_00000", state="DONE")
+
+
+def test_search_trials_are_a_live_table_on_a_terminal_and_lines_elsewhere():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    plain = io.StringIO()
+    console = Console(plain)
+    with console.trials(3, 2, "val_accuracy") as view:
+        _search(view)
+        assert view.counts() == "0 running, 1 stopped, 1 done, 1 pending of 3"
+        assert view.rows["t_00000"]["best"] == 0.91  # the best epoch, not the last
+    assert plain.getvalue().splitlines() == ["      trial t_00000 epoch 1/2  r1", "      trial t_00001 epoch 1/2  r2",
+                                             "      trial t_00001 stopped by ASHA after epoch 1",
+                                             "      trial t_00000 epoch 2/2  r3"]
+
+    tty = Tty()
+    with Console(tty).trials(3, 2, "val_accuracy") as view:
+        _search(view)
+        view.live.refresh()
+        # While the search runs, the table is on screen: a row per trial with its state, epoch and params.
+        shown = screen_lines(tty.getvalue().replace("\n", "\r\n"))
+        row = next(ln for ln in shown if "t_00000" in ln).split()
+        assert row == ["t_00000", "DONE", "2/2", "0.8900", "0.9100", "64", "0.003125"], shown  # batch_size, lr
+        assert any(ln.split()[:3] == ["t_00001", "STOPPED", "1/2"] for ln in shown), shown
+        assert shown[-1].strip() == "0 running, 1 stopped, 1 done, 1 pending of 3", shown
+    # It redraws in place and erases itself at the end; what stays is the event line (no per-result lines).
+    assert screen_lines(tty.getvalue().replace("\n", "\r\n")) == ["      trial t_00001 stopped by ASHA after epoch 1"]
+
+
 # ------------------------------------------------------------------------------------------- the CLI
 def _env(**extra) -> dict:
     # A test's CLI starts its own private Ray, never one a developer left running on the machine.

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from rich.console import Console as RichConsole
+from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 LOG_FILE = "ray.log"  # runs/<run>/logs/ray.log
 
@@ -52,6 +54,7 @@ class Console:
         # processes, process group, reading the shard): the fixed cost bench/overhead.py breaks down.
         self.trainer_startup_s: dict[str, float] = {}
         self._training: _TrainingView | None = None
+        self._trials: _TrialsView | None = None
 
     @classmethod
     def from_log(cls, log: "Console | Callable[[str], None] | None") -> "Console":
@@ -72,6 +75,8 @@ class Console:
             self._write_line(text)
         elif self._training is not None and self._training.progress is not None:
             self._training.progress.console.print(text, style=style, markup=False)  # above the live bar
+        elif self._trials is not None and self._trials.live is not None:
+            self._trials.live.console.print(text, style=style, markup=False)  # above the live table
         else:
             self._rich.print(text, style=style, markup=False)
 
@@ -123,6 +128,18 @@ class Console:
         finally:
             view.close()
             self._training = None
+
+    @contextmanager
+    def trials(self, num_samples: int, epochs: int, metric: str):
+        """While a search runs: its trials, as a table redrawn in place on a terminal, else a line per result
+        (see ``_TrialsView``). Events (a trial stopped early, one that failed) print as lines either way."""
+        view = _TrialsView(self, num_samples, epochs, metric)
+        self._trials = view
+        try:
+            yield view
+        finally:
+            view.close()
+            self._trials = None
 
     # -- the end -----------------------------------------------------------------------------------
     def summary(self, rows: list[tuple[str, str]]) -> None:
@@ -197,6 +214,90 @@ class _TrainingView:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+class _TrialsView:
+    """A search's trials. On a terminal, a compact table redrawn in place (rich ``Live``) that erases itself
+    when the search ends (the summary follows)::
+
+        trial        state     epoch  val_accuracy  best    lr      batch_size
+        3f2a_00000   RUNNING   2/4    0.9130        0.9130  0.0031  64
+        3f2a_00001   STOPPED   1/4    0.6103        0.6103  0.0002  32
+        2 running, 1 stopped, 0 done, 1 pending of 4
+
+    Anywhere else, a plain line per trial result (``result``'s ``line``), as CI logs and ``| tee`` want.
+    States: PENDING, RUNNING, DONE (all epochs), STOPPED (by the scheduler), FAILED."""
+
+    def __init__(self, console: Console, num_samples: int, epochs: int, metric: str) -> None:
+        self.console, self.num_samples, self.epochs, self.metric = console, num_samples, epochs, metric
+        self.rows: dict[str, dict] = {}
+        self.live: Live | None = None
+        if console.live and console._rich is not None:
+            self.live = Live(self.table(), console=console._rich, refresh_per_second=4, transient=True,
+                             redirect_stdout=False, redirect_stderr=False)  # Ray prints to stdout; not above us
+            self.live.start()
+
+    def update(self, trial_id: str, *, state: str | None = None, epoch: int | None = None,
+               value: float | None = None, config: dict | None = None) -> None:
+        row = self.rows.setdefault(trial_id, {"state": "PENDING", "epoch": 0, "value": None, "best": None,
+                                              "config": {}})
+        if state is not None:
+            row["state"] = state
+        if epoch is not None:
+            row["epoch"] = epoch
+        if value is not None:
+            row["value"], row["best"] = value, value if row["best"] is None else max(row["best"], value)
+        if config:
+            row["config"] = config
+        if self.live is not None:
+            self.live.update(self.table())
+
+    def result(self, trial_id: str, epoch: int, value: float, config: dict, line: str) -> None:
+        """A trial reported an epoch: its row on a terminal, ``line`` anywhere else."""
+        self.update(trial_id, state="RUNNING", epoch=epoch, value=value, config=config)
+        if self.live is None:
+            self.console(line)
+
+    def counts(self) -> str:
+        states = [r["state"] for r in self.rows.values()]
+        pending = self.num_samples - len(states) + states.count("PENDING")
+        parts = [f"{states.count('RUNNING')} running"] + [f"{states.count(s)} {s.lower()}" for s in
+                                                           ("STOPPED", "FAILED") if states.count(s)]
+        return ", ".join(parts + [f"{states.count('DONE')} done", f"{pending} pending"]) + f" of {self.num_samples}"
+
+    def table(self) -> Table:
+        """The rows, as wide as the terminal allows: the hyperparameters (by their last name part, ``lr`` for
+        ``train.lr``) fill the columns left after trial, state, epoch and the scores; those that differ
+        between trials first, each group in name order."""
+        score = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        param = lambda v: ("-" if v is None else f"{v:.4g}" if isinstance(v, float)  # noqa: E731
+                           else ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+        rows = sorted(self.rows.items())
+        columns = {"      trial": [f"      {t}" for t, _ in rows], "state": [r["state"] for _, r in rows],
+                   "epoch": [f"{r['epoch']}/{self.epochs}" for _, r in rows],
+                   self.metric: [score(r["value"]) for _, r in rows], "best": [score(r["best"]) for _, r in rows]}
+        width = lambda title, cells: max([len(title), *map(len, cells)]) + 2  # noqa: E731
+        room = (self.console._rich.width if self.console._rich is not None else 120) - sum(
+            width(t, c) for t, c in columns.items())
+        params = {k.rsplit(".", 1)[-1]: [param(r["config"].get(k)) for _, r in rows]
+                  for k in {k for _, r in rows for k in r["config"]}}
+        for title, cells in sorted(params.items(), key=lambda kv: (len(set(kv[1])) == 1, kv[0])):
+            if width(title, cells) > room:
+                break
+            room -= width(title, cells)
+            columns[title] = cells
+        table = Table(box=None, pad_edge=False, caption="      " + self.counts(), caption_justify="left",
+                      padding=(0, 2, 0, 0))
+        for title in columns:
+            table.add_column(title, no_wrap=True)
+        for cells in zip(*columns.values()):
+            table.add_row(*cells)
+        return table
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
 
 
 def epoch_line(label: str, m: dict, epochs: int, unit: str, steps: int | None = None) -> str:

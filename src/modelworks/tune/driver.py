@@ -214,11 +214,12 @@ def search_trials(cfg: WorkflowConfig, pre, datasets: dict, search_dir: Path, *,
                 verbose=0,
             ),
         )
-    events.attach(Console.from_log(log))
-    try:
-        grid = tuner.fit()
-    finally:
-        events.attach(None)
+    with Console.from_log(log).trials(cfg.search.num_samples, epochs_max, cfg.evaluate.metric) as view:
+        events.attach(view)
+        try:
+            grid = tuner.fit()
+        finally:
+            events.attach(None)
 
     rows = _trial_table(list(grid), search_dir, epochs_max)
     write_outputs(rows, search_dir, f"{name}: validation accuracy per trial")
