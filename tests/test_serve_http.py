@@ -273,14 +273,15 @@ def test_load_shedding_503_when_queue_full(served):
     from modelworks.serve.app import build
 
     reg = served["reg"]
-    # One request at a time, one waiting; each waits 0.5 s for a batch that never fills.
-    cfg = ServeConfig(max_batch_size=4, batch_wait_timeout_s=0.5, min_replicas=1, max_replicas=1)
+    # One request at a time, one waiting. Each request is 4,000 rows (~0.5 MB of JSON) that take the replica tens
+    # of milliseconds to read, check and score, so twelve sent together overflow the queue.
+    cfg = ServeConfig(max_batch_size=4, min_replicas=1, max_replicas=1, max_body_bytes=16 << 20, max_inputs=4000)
     serve.run(build("digits@1", reg.uri, cfg, max_ongoing_requests=1, max_queued_requests=1),
               name="shed", route_prefix="/shed", blocking=False)
+    body = {"inputs": [[0.0] * 64] * 4000}
     try:
         with ThreadPoolExecutor(12) as pool:
-            codes = list(pool.map(lambda _: post(served["url"] + "/shed/predict", {"input": [0.0] * 64}).status_code,
-                                  range(12)))
+            codes = list(pool.map(lambda _: post(served["url"] + "/shed/predict", body).status_code, range(12)))
         assert codes.count(503) >= 6, codes
         assert set(codes) <= {200, 503}, codes
         assert codes.count(200) >= 1
