@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")  # this environment's CLI: the bench need not run from an activated venv
 WORKFLOWS = {"digits": REPO / "workflows/digits.py", "mnist": REPO / "workflows/mnist.py"}
 
 
@@ -110,8 +111,8 @@ def modelworks_run(workflow: str, data_dir: str, join: bool) -> dict:
 
 
 def start_ray() -> None:
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
-    subprocess.run(["ray", "start", "--head", f"--num-cpus={os.cpu_count()}", "--include-dashboard=false",
+    subprocess.run([RAY, "stop", "--force"], capture_output=True)
+    subprocess.run([RAY, "start", "--head", f"--num-cpus={os.cpu_count()}", "--include-dashboard=false",
                     "--disable-usage-stats"], check=True, capture_output=True,
                    env={**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"})
 
@@ -137,7 +138,7 @@ def main() -> None:
         for name in names:
             results["workflows"][name]["joined"] = modelworks_run(name, args.data_dir, join=True)
     finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        subprocess.run([RAY, "stop", "--force"], capture_output=True)
     for name, r in results["workflows"].items():
         print(f"{name}: plain PyTorch {r['plain']['wall_s']:.1f} s (test acc {r['plain']['test_accuracy']:.4f}); "
               f"modelworks {r['private']['wall_s']:.1f} s starting Ray, {r['joined']['wall_s']:.1f} s joining a "

@@ -49,6 +49,25 @@ def test_truncated_file_is_refused(tmp_path, compress):
     assert "delete" in msg  # the fix is named
 
 
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("change", ["truncated", "extra bytes"])
+def test_reading_whole_checks_the_length_as_open_split_does(tmp_path, compress, change):
+    """read_all (the in-memory path, one pass) refuses what check_size refuses, with the same kind of message."""
+    images, _ = make_split(tmp_path, compress=compress)
+    pair = idx.open_split(tmp_path, "mnist", "train", allow_download=False, check_sizes=False)
+    np.testing.assert_array_equal(idx.read_all(pair.images), images)
+    path = tmp_path / "raw" / ("train-images-idx3-ubyte" + (".gz" if compress else ""))
+    raw = gzip.decompress(path.read_bytes()) if compress else path.read_bytes()
+    raw = raw[:-100] if change == "truncated" else raw + b"\0" * 100
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    header = idx.open_split(tmp_path, "mnist", "train", allow_download=False, check_sizes=False).images
+    with pytest.raises(DataError) as err:
+        idx.read_all(header)
+    expected = 50 * 28 * 28
+    assert f"promises 50 rows ({expected} bytes) but the file holds {expected + (100 if change != 'truncated' else -100)}" \
+        in str(err.value) and "delete" in str(err.value)
+
+
 def test_count_mismatch_between_images_and_labels(tmp_path):
     make_split(tmp_path, n_images=50, n_labels=40)
     with pytest.raises(DataError, match="50 images but 40 labels"):

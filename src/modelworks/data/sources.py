@@ -136,15 +136,18 @@ def _read_idx(batch: dict, pair: idx.IdxPair) -> dict:
 
 def idx_source(cfg: DataConfig, root: Path) -> Source:
     folder = Path(cfg.path) if cfg.path else root / cfg.name
-    pairs = {split: idx.open_split(folder, cfg.name, split, cfg.download) for split in ("train", "test")}
+    pairs = {split: idx.open_split(folder, cfg.name, split, cfg.download, check_sizes=False)
+             for split in ("train", "test")}
     names_file = folder / "labels.txt"
     names = names_file.read_text().split("\n") if names_file.is_file() else [str(i) for i in range(10)]
     class_names = {str(i): n for i, n in enumerate(n for n in names if n)}
     size = sum(int(np.prod(p.images.dims)) for p in pairs.values())  # uint8 pixels
-    if size <= IN_MEMORY_MAX_BYTES:
-        read = {s: (idx.read_rows(p.images, 0, p.rows), idx.read_rows(p.labels, 0, p.rows).astype(np.int64))
-                for s, p in pairs.items()}
+    if size <= IN_MEMORY_MAX_BYTES:  # read whole, each file's length checked as it is read
+        read = {s: (idx.read_all(p.images), idx.read_all(p.labels).astype(np.int64)) for s, p in pairs.items()}
         return in_memory_source(*read["train"], cfg, class_names, test=read["test"])
+    for p in pairs.values():  # streamed by Ray Data below: checked whole first, so a bad file fails now
+        idx.check_size(p.images)
+        idx.check_size(p.labels)
     train_all = ray.data.from_items(_ranges(pairs["train"].rows, cfg.max_rows)).map_batches(
         _read_idx, batch_size=1, fn_kwargs={"pair": pairs["train"]})
     splits = {s: train_all.map_batches(_keep, fn_kwargs={"split": s, "cfg": cfg, "carve_test": False})

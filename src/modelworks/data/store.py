@@ -23,7 +23,9 @@ def write_arrays(path: Path, columns: dict[str, np.ndarray]) -> None:
                      if v.ndim > 1 else pa.array(v))
     table = pa.table(arrays).replace_schema_metadata({_META: json.dumps(shapes).encode()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    # Neither compressed nor dictionary-encoded: MNIST's pixels write and read back ~3x faster so (the files are
+    # a run's own working copy, read back only by a rerun that reuses the step).
+    pq.write_table(table, path, compression="none", use_dictionary=False)
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:

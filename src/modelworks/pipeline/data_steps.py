@@ -71,18 +71,17 @@ def ingest(ctx: Context) -> Output:
     src = sources.load_source(cfg.data, ctx.data_dir)
     meta = {"kind": "arrays" if src.arrays is not None else "datasets", "class_names": src.class_names,
             "image_shape": src.image_shape, "roles": src.roles}
-    if src.arrays is not None:
+    if src.arrays is not None:  # on the driver: written for a rerun, and used as they are in this one
         for split, arrays in src.arrays.items():
             store.write_arrays(out / f"{split}.parquet", arrays)
         rows = {s: len(a["label"]) for s, a in src.arrays.items()}
+        (out / "source.json").write_text(json.dumps(meta))
     else:  # one pass over the source; every later step reads these files
         for split, ds in src.splits.items():
             ds.write_parquet(sources.ray_path(out / split))
-        rows = None
-    (out / "source.json").write_text(json.dumps(meta))
-    src = load_ingest(ctx, {})
-    if rows is None:  # from the Parquet footers: no Ray Data pass
-        rows = {s: store.parquet_rows(out / s) for s in src.splits}
+        (out / "source.json").write_text(json.dumps(meta))
+        src = load_ingest(ctx, {})
+        rows = {s: store.parquet_rows(out / s) for s in src.splits}  # from the Parquet footers: no Ray Data pass
     where = f"{cfg.data.source} '{cfg.data.name}'" + (f" ({cfg.data.path})" if cfg.data.path else "")
     return Output({"rows": rows, "source": where}, ["data"], src,
                   f"{where}: {', '.join(f'{n:,} {s}' for s, n in rows.items())} rows")
@@ -106,6 +105,7 @@ def load_ingest(ctx: Context, value: dict):
 def preprocess_step(ctx: Context) -> Output:
     cfg, src = ctx.cfg, ctx.obj("ingest")
     out = _rebuild_dir(ctx.run_dir / "preprocess")
+    transformed: dict[str, dict[str, np.ndarray]] = {}
     if cfg.model.task == "language_model":
         pre = chars_mod.fit(src.train)
         # One byte per token when the vocabulary allows: the ids travel to every worker.
@@ -122,15 +122,17 @@ def preprocess_step(ctx: Context) -> Output:
         pre = fit_preprocessor(cfg, src, ctx.console)
         for split in ("train", "val"):
             if src.arrays is not None:  # on the driver already: the same transform, no Ray Data pass
-                store.write_arrays(out / f"{split}.parquet", pre(src.arrays[split]))
+                transformed[split] = pre(src.arrays[split])
+                store.write_arrays(out / f"{split}.parquet", transformed[split])
             else:
                 pre.apply(src.splits[split]).write_parquet(sources.ray_path(out / split))
         result = describe_preprocessor(cfg, pre)
     (out / "preprocessor").mkdir()
     for name, text in pre.files().items():
         (out / "preprocessor" / name).write_text(text)
-    return Output({"kind": getattr(pre, "kind", "image"), "classes": pre.num_classes}, ["preprocess"],
-                  load_preprocess(ctx, {}), result)
+    # Arrays transformed here are used as they are (reading back what was just written costs seconds for MNIST).
+    value = (pre, transformed) if transformed else load_preprocess(ctx, {})
+    return Output({"kind": getattr(pre, "kind", "image"), "classes": pre.num_classes}, ["preprocess"], value, result)
 
 
 def load_preprocess(ctx: Context, value: dict) -> tuple:
