@@ -419,7 +419,7 @@ def test_version_swap_under_concurrent_load(served):
                 v = r.json().get("model_version") if r.status_code == 200 else None
                 consistent = r.status_code == 200 and [p["label"] for p in r.json()["predictions"]] == want[v]
                 item = (r.status_code, v, consistent)
-            except requests.RequestException as err:
+            except requests.RequestException:
                 item = (-1, None, False)
             with lock:
                 results.append(item)

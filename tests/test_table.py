@@ -16,7 +16,7 @@ from modelworks.config import DataConfig
 from modelworks.data import sources, table
 from modelworks.errors import DataError
 from modelworks.models import build_model
-from modelworks.workflow import passes_gate
+from modelworks.steps import passes_gate
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -32,7 +32,7 @@ from modelworks.pipeline.graph import Step
 from modelworks.pipeline.runner import RunOptions, Runner
 from modelworks.pipeline.types import Context
 from modelworks.runtime import alive_nodes, ensure_ray, runs_root  # noqa: F401 - also imported from here by benches and tests
-from modelworks.steps import model_name, passes_gate  # noqa: F401 - passes_gate: imported from here by tests
+from modelworks.steps import model_name
 from modelworks.tune.driver import check_search
 
 
