@@ -24,6 +24,31 @@ def _cfg(*overrides: str):
 
 
 # ------------------------------------------------------------------------------------- pure: no Ray
+def test_a_resumed_search_shows_trials_that_ended_before_it_as_ended():
+    """The trials view of a resumed search: trials Tune restored as finished are shown done, stopped or failed
+    (from their last result), not pending. Tune's callback is called with stand-ins for its Trial objects."""
+    import io
+    from types import SimpleNamespace as Trial
+
+    from modelworks.console import Console
+    from modelworks.tune import events
+
+    ended = [Trial(trial_id="t_0", status="TERMINATED", last_result={"epoch": 4, "val_accuracy": 0.9}, config={}),
+             Trial(trial_id="t_1", status="TERMINATED", last_result={"epoch": 1, "val_accuracy": 0.5}, config={}),
+             Trial(trial_id="t_2", status="ERROR", last_result={}, config={})]
+    running = Trial(trial_id="t_3", status="RUNNING", last_result={}, config={"train.lr": 0.01})
+    with Console(io.StringIO()).trials(5, 4, "val_accuracy") as view:
+        events.attach(view)
+        try:
+            events.TrialEvents(4, "val_accuracy", 5, "asha").on_trial_start(0, [*ended, running], running)
+        finally:
+            events.attach(None)
+        assert {t: r["state"] for t, r in view.rows.items()} == {"t_0": "DONE", "t_1": "STOPPED", "t_2": "FAILED",
+                                                                 "t_3": "RUNNING"}
+        assert view.rows["t_0"]["value"] == 0.9 and view.rows["t_1"]["epoch"] == 1
+        assert view.counts() == "1 running, 1 stopped, 1 failed, 1 done, 1 pending of 5"
+
+
 def test_space_keys_are_resolved_and_checked():
     s = SearchConfig(space={"lr": {"loguniform": [1e-4, 1e-2]}, "model.dropout": [0.0, 0.2], "hidden_sizes": None})
     assert s.space == {"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.dropout": [0.0, 0.2]}

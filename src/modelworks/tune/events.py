@@ -31,13 +31,25 @@ class TrialEvents(tune.Callback):
         stopped = f"{len(self.stopped)} stopped, " if self.stopped else ""
         return f"({running} running, {stopped}{done} done of {self.num_samples})"
 
+    def _sync(self, trials: list) -> None:
+        """Trials that ended before this driver started (a resumed search): shown as they ended, not pending."""
+        for t in trials:
+            if t.trial_id not in _view.rows and t.status in ("TERMINATED", "ERROR"):
+                last = t.last_result or {}
+                state = ("FAILED" if t.status == "ERROR" else
+                         "DONE" if last.get("epoch", 0) >= self.epochs_max else "STOPPED")
+                _view.update(t.trial_id, state=state, epoch=last.get("epoch"), value=last.get(self.metric),
+                             config=t.config)
+
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         if _view is not None:
+            self._sync(trials)
             _view.update(trial.trial_id, state="RUNNING", config=trial.config)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         if "epoch" not in result or self.metric not in result or _view is None:
             return
+        self._sync(trials)
         _view.result(trial.trial_id, result["epoch"], result[self.metric], trial.config,
                      f"      trial {trial.trial_id} epoch {result['epoch']}/{self.epochs_max}  "
                      f"{self.metric}={result[self.metric]:.4f}  {self._counts(trials)}")
