@@ -79,11 +79,11 @@ def _search(view) -> None:
     """What a 3-trial search's callbacks tell the view: two trials report, one is stopped at epoch 1."""
     view.update("t_00000", state="RUNNING", config={"lr": 0.003125, "batch_size": 64})
     view.update("t_00001", state="RUNNING", config={"lr": 0.0002, "batch_size": 32})
-    view.result("t_00000", 1, 0.91, {"lr": 0.003125, "batch_size": 64}, "      trial t_00000 epoch 1/2  r1")
-    view.result("t_00001", 1, 0.61, {"lr": 0.0002, "batch_size": 32}, "      trial t_00001 epoch 1/2  r2")
+    view.result("t_00000", 1, 0.91, {"lr": 0.003125, "batch_size": 64})
+    view.result("t_00001", 1, 0.61, {"lr": 0.0002, "batch_size": 32})
     view.update("t_00001", state="STOPPED")
     view.console.event("      trial t_00001 stopped by ASHA after epoch 1")
-    view.result("t_00000", 2, 0.89, {"lr": 0.003125, "batch_size": 64}, "      trial t_00000 epoch 2/2  r3")
+    view.result("t_00000", 2, 0.89, {"lr": 0.003125, "batch_size": 64})
     view.update("t_00000", state="DONE")
 
 
@@ -98,9 +98,11 @@ def test_search_trials_are_a_live_table_on_a_terminal_and_lines_elsewhere():
         _search(view)
         assert view.counts() == "0 running, 1 stopped, 1 done, 1 pending of 3"
         assert view.rows["t_00000"]["best"] == 0.91  # the best epoch, not the last
-    assert plain.getvalue().splitlines() == ["      trial t_00000 epoch 1/2  r1", "      trial t_00001 epoch 1/2  r2",
-                                             "      trial t_00001 stopped by ASHA after epoch 1",
-                                             "      trial t_00000 epoch 2/2  r3"]
+    assert plain.getvalue().splitlines() == [
+        "      trial t_00000 epoch 1/2  val_accuracy=0.9100  (2 running, 0 done, 1 pending of 3)",
+        "      trial t_00001 epoch 1/2  val_accuracy=0.6100  (2 running, 0 done, 1 pending of 3)",
+        "      trial t_00001 stopped by ASHA after epoch 1",
+        "      trial t_00000 epoch 2/2  val_accuracy=0.8900  (1 running, 1 stopped, 0 done, 1 pending of 3)"]
 
     tty = Tty()
     with Console(tty).trials(3, 2, "val_accuracy") as view:

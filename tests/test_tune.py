@@ -40,7 +40,7 @@ def test_a_resumed_search_shows_trials_that_ended_before_it_as_ended():
     with Console(io.StringIO()).trials(5, 4, "val_accuracy") as view:
         events.attach(view)
         try:
-            events.TrialEvents(4, "val_accuracy", 5, "asha").on_trial_start(0, [*ended, running], running)
+            events.TrialEvents(4, "val_accuracy", "asha").on_trial_start(0, [*ended, running], running)
         finally:
             events.attach(None)
         assert {t: r["state"] for t, r in view.rows.items()} == {"t_0": "DONE", "t_1": "STOPPED", "t_2": "FAILED",

@@ -225,7 +225,9 @@ class _TrialsView:
         3f2a_00001   STOPPED   1/4    0.6103        0.6103  0.0002  32
         2 running, 1 stopped, 0 done, 1 pending of 4
 
-    Anywhere else, a plain line per trial result (``result``'s ``line``), as CI logs and ``| tee`` want.
+    Anywhere else, a plain line per trial result, as CI logs and ``| tee`` want::
+
+        trial 3f2a_00000 epoch 2/4  val_accuracy=0.9130  (2 running, 1 stopped, 0 done, 1 pending of 4)
     States: PENDING, RUNNING, DONE (all epochs), STOPPED (by the scheduler), FAILED."""
 
     def __init__(self, console: Console, num_samples: int, epochs: int, metric: str) -> None:
@@ -252,11 +254,12 @@ class _TrialsView:
         if self.live is not None:
             self.live.update(self.table())
 
-    def result(self, trial_id: str, epoch: int, value: float, config: dict, line: str) -> None:
-        """A trial reported an epoch: its row on a terminal, ``line`` anywhere else."""
+    def result(self, trial_id: str, epoch: int, value: float, config: dict) -> None:
+        """A trial reported an epoch: its row on a terminal, a line anywhere else."""
         self.update(trial_id, state="RUNNING", epoch=epoch, value=value, config=config)
         if self.live is None:
-            self.console(line)
+            self.console(f"      trial {trial_id} epoch {epoch}/{self.epochs}  {self.metric}={value:.4f}  "
+                         f"({self.counts()})")
 
     def counts(self) -> str:
         states = [r["state"] for r in self.rows.values()]
@@ -277,8 +280,7 @@ class _TrialsView:
                    "epoch": [f"{r['epoch']}/{self.epochs}" for _, r in rows],
                    self.metric: [score(r["value"]) for _, r in rows], "best": [score(r["best"]) for _, r in rows]}
         width = lambda title, cells: max([len(title), *map(len, cells)]) + 2  # noqa: E731
-        room = (self.console._rich.width if self.console._rich is not None else 120) - sum(
-            width(t, c) for t, c in columns.items())
+        room = self.console._rich.width - sum(width(t, c) for t, c in columns.items())  # drawn on a terminal only
         params = {k.rsplit(".", 1)[-1]: [param(r["config"].get(k)) for _, r in rows]
                   for k in {k for _, r in rows for k in r["config"]}}
         for title, cells in sorted(params.items(), key=lambda kv: (len(set(kv[1])) == 1, kv[0])):

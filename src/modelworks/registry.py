@@ -112,7 +112,6 @@ class Registry:
             return Path(src)
         # Keyed by the registry too: two buckets can both hold a digits@1.
         dst = home() / "registry-cache" / hashlib.sha256(self.uri.encode()).hexdigest()[:12] / name / str(version)
-        dst.parent.mkdir(parents=True, exist_ok=True)
         return checkpoint.fetch(self.fs, src, dst)
 
     def artifacts_dir(self, name: str, version: int) -> str:

@@ -74,12 +74,13 @@ def ingest(ctx: Context) -> Output:
     if src.arrays is not None:  # on the driver: written for a rerun, and used as they are in this one
         for split, arrays in src.arrays.items():
             store.write_arrays(out / f"{split}.parquet", arrays)
-        rows = {s: len(a["label"]) for s, a in src.arrays.items()}
-        (out / "source.json").write_text(json.dumps(meta))
     else:  # one pass over the source; every later step reads these files
         for split, ds in src.splits.items():
             ds.write_parquet(sources.ray_path(out / split))
-        (out / "source.json").write_text(json.dumps(meta))
+    (out / "source.json").write_text(json.dumps(meta))
+    if src.arrays is not None:
+        rows = {s: len(a["label"]) for s, a in src.arrays.items()}
+    else:
         src = load_ingest(ctx, {})
         rows = {s: store.parquet_rows(out / s) for s in src.splits}  # from the Parquet footers: no Ray Data pass
     where = f"{cfg.data.source} '{cfg.data.name}'" + (f" ({cfg.data.path})" if cfg.data.path else "")

@@ -59,6 +59,7 @@ class ModelServer:
         self._engine: GenerationEngine | None = None
         self._generate_thread: ThreadPoolExecutor | None = None
         self.infer_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self.infer_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)  # only overlapping requests batch
         self._in_flight = 0  # /predict and infer requests in this replica now (see _infer)
 
     # -- version management ---------------------------------------------------------------------------
@@ -131,7 +132,6 @@ class ModelServer:
         # window would only add latency (nothing can join it), and the batcher's queue and task hand-offs cost
         # more than a small model's forward pass. It first yields once, so that requests that arrived with it
         # come in and it batches with them instead. Requests that overlap batch with the window, as under load.
-        # (Serve's batcher reads the window when a batch starts, i.e. when its first request is taken.)
         self._in_flight += 1
         try:
             if self._in_flight == 1:
@@ -139,7 +139,6 @@ class ModelServer:
                 if self._in_flight == 1:
                     served = self.served
                     return served, self._checked(served.model.predict_outputs(x).numpy())
-            self.infer_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
             async with asyncio.timeout(self.cfg.request_timeout_s):  # no extra task per request (wait_for makes one)
                 served, probs = await self.infer_batch(x)
         except TimeoutError:

@@ -210,7 +210,7 @@ def search_trials(cfg: WorkflowConfig, pre, datasets: dict, search_dir: Path, *,
                 stop={"epoch": epochs_max},
                 failure_config=tune.FailureConfig(max_failures=0),
                 callbacks=[state.StateMirror(str(search_dir)),
-                           events.TrialEvents(epochs_max, metric, cfg.search.num_samples, cfg.search.scheduler)],
+                           events.TrialEvents(epochs_max, metric, cfg.search.scheduler)],
                 verbose=0,
             ),
         )

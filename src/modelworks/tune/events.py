@@ -2,7 +2,7 @@
 terminal a table redrawn in place, elsewhere one line per trial result, see ``console._TrialsView``), and one
 line for each event that matters (a trial stopped by ASHA, a trial that failed).
 
-    trial 3f2a_00001 epoch 2/4  val_acc=0.8571  (2 running, 1 stopped, 1 done of 4)
+    trial 3f2a_00001 epoch 2/4  val_accuracy=0.8571  (2 running, 1 stopped, 1 done, 0 pending of 4)
     trial 3f2a_00002 stopped by ASHA after epoch 1 (val_accuracy 0.6103, below the rung's cut)
 """
 from __future__ import annotations
@@ -21,15 +21,10 @@ def attach(view) -> None:
 
 
 class TrialEvents(tune.Callback):
-    def __init__(self, epochs_max: int, metric: str, num_samples: int, scheduler: str):
-        self.epochs_max, self.metric, self.num_samples, self.scheduler = epochs_max, metric, num_samples, scheduler
-        self.stopped: set[str] = set()
+    """Tune's trial events, handed to the view (which keeps the trials' states and counts)."""
 
-    def _counts(self, trials: list) -> str:
-        running = sum(t.status == "RUNNING" for t in trials)
-        done = sum(t.status == "TERMINATED" for t in trials) - len(self.stopped)
-        stopped = f"{len(self.stopped)} stopped, " if self.stopped else ""
-        return f"({running} running, {stopped}{done} done of {self.num_samples})"
+    def __init__(self, epochs_max: int, metric: str, scheduler: str):
+        self.epochs_max, self.metric, self.scheduler = epochs_max, metric, scheduler
 
     def _sync(self, trials: list) -> None:
         """Trials that ended before this driver started (a resumed search): shown as they ended, not pending."""
@@ -50,15 +45,12 @@ class TrialEvents(tune.Callback):
         if "epoch" not in result or self.metric not in result or _view is None:
             return
         self._sync(trials)
-        _view.result(trial.trial_id, result["epoch"], result[self.metric], trial.config,
-                     f"      trial {trial.trial_id} epoch {result['epoch']}/{self.epochs_max}  "
-                     f"{self.metric}={result[self.metric]:.4f}  {self._counts(trials)}")
+        _view.result(trial.trial_id, result["epoch"], result[self.metric], trial.config)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         last = trial.last_result or {}
         epoch = last.get("epoch", 0)
         if epoch < self.epochs_max:  # ended before max epochs without an error: the scheduler stopped it
-            self.stopped.add(trial.trial_id)
             value = f" ({self.metric} {last[self.metric]:.4f}, below the rung's cut)" if self.metric in last else ""
             self._event(trial, "STOPPED",
                         f"      trial {trial.trial_id} stopped by {self.scheduler.upper()} after epoch {epoch}{value}")
