@@ -13,8 +13,12 @@ AdamW, lr 1e-3 -> 1e-4) and evaluate every 250 steps on the same 20 fixed valida
 - the whole-validation-text loss of each final model (the evaluate step's figure; 111,539 predictions).
 Targets (issue 11): mw >= 0.9x plain tokens/s, mw <= 1.2x plain time to 1.90, mw's whole run <= 180 s.
 
-    .venv/bin/python bench/lm_throughput.py --data-dir ../shared/data            # ~7 minutes on 2 cores
-    .venv/bin/python bench/lm_throughput.py --steps 300                         # a quick look
+Other jobs on a shared machine move a run's speed by +-25 % over minutes. With --repeat 2 (the default) the
+variants run in the order plain, mw, mw, plain, so a drift that slows or speeds the machine over the run
+weighs on both alike; each figure is the median over a variant's runs, and every run is printed too.
+
+    .venv/bin/python bench/lm_throughput.py --data-dir ../shared/data            # ~15 minutes on 2 cores
+    .venv/bin/python bench/lm_throughput.py --steps 300 --repeat 1              # a quick look
 
 Compare ratios from the same run only: other load on the machine moves both figures.
 """
@@ -79,10 +83,19 @@ def plain_loop(cfg, train_ids: np.ndarray, val_ids: np.ndarray, pre, threads: in
 
 
 def modelworks_run(cfg, data_dir: str) -> dict:
+    """One whole `modelworks run` in a fresh MODELWORKS_HOME with its own local Ray, shut down afterwards
+    (so a second run pays Ray's start-up again, as a separate process would)."""
+    import ray
+
     from modelworks.workflow import run_workflow
 
+    os.environ["MODELWORKS_HOME"] = tempfile.mkdtemp(prefix="mw-bench-lm-")
+    os.environ["MODELWORKS_JOIN_RAY"] = "0"
     t0 = time.time()
-    result = run_workflow(cfg, run_name="bench", data_dir=data_dir, log=lambda line: None)
+    try:
+        result = run_workflow(cfg, run_name="bench", data_dir=data_dir, log=lambda line: None)
+    finally:
+        ray.shutdown()
     run_dir = Path(result.run_dir)
     history = json.loads((Path(result.checkpoint).parent / f"checkpoint_step={train_lm.total_steps(cfg, 1)}"
                           / "metrics.json").read_text())["history"] if cfg.train.max_steps else []
@@ -101,6 +114,30 @@ def summarise(run: dict, target: float) -> dict:
             "seconds": run["seconds"], **{k: run[k] for k in ("step_seconds", "trainer_startup_s") if k in run}}
 
 
+def combine(runs: list[dict]) -> dict:
+    """A variant's figures over its runs: the median of each (the time to the target only when every run
+    reached it)."""
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    times = [r["time_to_target_s"] for r in runs]
+    out = {"tokens_per_s": med("tokens_per_s"), "time_to_target_s": statistics.median(times) if None not in times
+           else None, "whole_val_loss": med("whole_val_loss"), "seconds": med("seconds"), "runs": runs}
+    if "trainer_startup_s" in runs[0]:
+        out["trainer_startup_s"] = statistics.median(r["trainer_startup_s"] or 0.0 for r in runs)
+        out["ray_start_s"] = statistics.median(r["step_seconds"].get("ray start", 0.0) for r in runs)
+    return out
+
+
+def show(name: str, r: dict, target: float) -> str:
+    reach = (f"{r['time_to_target_s']:.1f} s (step {r['step_at_target']})" if r["time_to_target_s"] is not None
+             else "not reached")
+    line = (f"{name:>12}: {r['tokens_per_s']:,.0f} tokens/s; val loss <= {target} after {reach}; "
+            f"whole-validation loss {r['whole_val_loss']:.4f}; {r['seconds']:.1f} s in all")
+    if "trainer_startup_s" in r:
+        line += (f" (Ray start {r['step_seconds'].get('ray start', 0):.1f} s, "
+                 f"trainer start-up {r['trainer_startup_s'] or 0:.1f} s)")
+    return line
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", default=os.environ.get("MODELWORKS_DATA_DIR", str(REPO.parent / "shared/data")))
@@ -108,6 +145,8 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=1.90)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="plain loop's intra-op threads "
                                                                             "(a single local worker gets all cores)")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each variant, alternating: plain, mw, mw, "
+                                                               "plain, ...")
     ap.add_argument("--out", default=str(REPO / "bench/results/lm_throughput.json"))
     args = ap.parse_args()
     # Every evaluation's checkpoint is kept: the time to the target loss is read from when it was written.
@@ -115,28 +154,37 @@ def main() -> None:
                           [f"train.max_steps={args.steps}", "registry.enabled=false", "train.keep_checkpoints=null"])
     text = corpus.read_corpus(cfg.data, Path(args.data_dir), cfg.model.max_len)
     pre = chars.fit(text.train)
-    print(f"plain loop: {args.steps} steps, {args.threads} thread(s) ...", flush=True)
-    plain = summarise(plain_loop(cfg, pre.encode(text.train), pre.encode(text.val), pre, args.threads), args.target)
-    print("modelworks run (1 worker, its own local Ray) ...", flush=True)
-    os.environ["MODELWORKS_HOME"] = tempfile.mkdtemp(prefix="mw-bench-lm-")
-    os.environ["MODELWORKS_JOIN_RAY"] = "0"
-    mw = summarise(modelworks_run(cfg, args.data_dir), args.target)
+    train_ids, val_ids = pre.encode(text.train), pre.encode(text.val)
+    runs: dict[str, list] = {"plain": [], "modelworks": []}
+    pair = ("plain", "modelworks")
+    order = [v for i in range(args.repeat) for v in (pair if i % 2 == 0 else pair[::-1])]
+    for n, variant in enumerate(order, 1):
+        if variant == "plain":
+            print(f"[{n}/{len(order)}] plain loop: {args.steps} steps, {args.threads} thread(s) ...", flush=True)
+            r = summarise(plain_loop(cfg, train_ids, val_ids, pre, args.threads), args.target)
+        else:
+            print(f"[{n}/{len(order)}] modelworks run (1 worker, its own local Ray) ...", flush=True)
+            r = summarise(modelworks_run(cfg, args.data_dir), args.target)
+        runs[variant].append(r)
+        print(show(variant, r, args.target), flush=True)
+    plain, mw = combine(runs["plain"]), combine(runs["modelworks"])
     ratios = {"tokens_per_s_mw_vs_plain": mw["tokens_per_s"] / plain["tokens_per_s"],
               "time_to_target_mw_vs_plain": (mw["time_to_target_s"] / plain["time_to_target_s"]
                                              if mw["time_to_target_s"] and plain["time_to_target_s"] else None)}
-    for name, r in (("plain", plain), ("modelworks", mw)):
-        reach = (f"{r['time_to_target_s']:.1f} s (step {r['step_at_target']})" if r["time_to_target_s"] is not None
-                 else "not reached")
-        print(f"{name:>10}: {r['tokens_per_s']:,.0f} tokens/s; val loss <= {args.target} after {reach}; "
-              f"whole-validation loss {r['whole_val_loss']:.4f}; {r['seconds']:.1f} s in all")
-    print(f"modelworks: Ray start {mw['step_seconds'].get('ray start', 0):.1f} s, trainer start-up "
-          f"{mw['trainer_startup_s'] or 0:.1f} s, steps {mw['step_seconds']}")
+    fmt_s = lambda v: "not reached" if v is None else f"{v:.1f} s"  # noqa: E731
+    print(f"median of {args.repeat} run(s) each:")
+    print(f"       plain: {plain['tokens_per_s']:,.0f} tokens/s; val loss <= {args.target} after "
+          f"{fmt_s(plain['time_to_target_s'])}; {plain['seconds']:.1f} s in all")
+    print(f"  modelworks: {mw['tokens_per_s']:,.0f} tokens/s; val loss <= {args.target} after "
+          f"{fmt_s(mw['time_to_target_s'])}; {mw['seconds']:.1f} s in all (Ray start {mw['ray_start_s']:.1f} s, "
+          f"trainer start-up {mw['trainer_startup_s']:.1f} s)")
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
     print(f"ratios: tokens/s {fmt(ratios['tokens_per_s_mw_vs_plain'])} (target >= {TARGET_TOKENS_RATIO}x); "
           f"time to {args.target} {fmt(ratios['time_to_target_mw_vs_plain'])} (target <= {TARGET_TIME_RATIO}x); "
           f"whole run {mw['seconds']:.1f} s (target <= {TARGET_WHOLE_RUN_S:.0f} s)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"steps": args.steps, "target": args.target, "threads": args.threads,
+                                          "repeat": args.repeat, "order": order,
                                           "plain": plain, "modelworks": mw, "ratios": ratios,
                                           "cpus": os.cpu_count(), "torch": torch.__version__}, indent=2))
     print(f"wrote {args.out}")
