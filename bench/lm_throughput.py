@@ -108,33 +108,36 @@ def modelworks_run(cfg, data_dir: str) -> dict:
 def summarise(run: dict, target: float) -> dict:
     rates = [h["tokens_per_s"] for h in run["history"][1:]] or [h["tokens_per_s"] for h in run["history"]]
     reached = next((h for h in run["history"] if h["val_loss"] <= target), None)
-    return {"tokens_per_s": statistics.median(rates), "time_to_target_s": reached["elapsed_s"] if reached else None,
-            "step_at_target": reached["step"] if reached else None,
-            "final_val_loss_20_batches": run["history"][-1]["val_loss"], "whole_val_loss": run["whole_val_loss"],
-            "seconds": run["seconds"], **{k: run[k] for k in ("step_seconds", "trainer_startup_s") if k in run}}
+    out = {"tokens_per_s": statistics.median(rates), "time_to_target_s": reached["elapsed_s"] if reached else None,
+           "step_at_target": reached["step"] if reached else None,
+           "final_val_loss_20_batches": run["history"][-1]["val_loss"], "whole_val_loss": run["whole_val_loss"],
+           "seconds": run["seconds"]}
+    if "step_seconds" in run:  # a modelworks run
+        out.update(step_seconds=run["step_seconds"], ray_start_s=run["step_seconds"].get("ray start", 0.0),
+                   trainer_startup_s=run["trainer_startup_s"] or 0.0)
+    return out
 
 
 def combine(runs: list[dict]) -> dict:
     """A variant's figures over its runs: the median of each (the time to the target only when every run
-    reached it)."""
-    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
-    times = [r["time_to_target_s"] for r in runs]
-    out = {"tokens_per_s": med("tokens_per_s"), "time_to_target_s": statistics.median(times) if None not in times
-           else None, "whole_val_loss": med("whole_val_loss"), "seconds": med("seconds"), "runs": runs}
-    if "trainer_startup_s" in runs[0]:
-        out["trainer_startup_s"] = statistics.median(r["trainer_startup_s"] or 0.0 for r in runs)
-        out["ray_start_s"] = statistics.median(r["step_seconds"].get("ray start", 0.0) for r in runs)
+    reached it, and its step only when they all reached it at the same one)."""
+    times, steps = [r["time_to_target_s"] for r in runs], {r["step_at_target"] for r in runs}
+    out = {"time_to_target_s": statistics.median(times) if None not in times else None,
+           "step_at_target": steps.pop() if len(steps) == 1 else None, "runs": runs}
+    for key in ("tokens_per_s", "whole_val_loss", "seconds", "ray_start_s", "trainer_startup_s"):
+        if key in runs[0]:
+            out[key] = statistics.median(r[key] for r in runs)
     return out
 
 
 def show(name: str, r: dict, target: float) -> str:
-    reach = (f"{r['time_to_target_s']:.1f} s (step {r['step_at_target']})" if r["time_to_target_s"] is not None
-             else "not reached")
+    """One line of a run's (or a variant's median) figures."""
+    reach = "not reached" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f} s" + (
+        f" (step {r['step_at_target']})" if r["step_at_target"] is not None else "")
     line = (f"{name:>12}: {r['tokens_per_s']:,.0f} tokens/s; val loss <= {target} after {reach}; "
             f"whole-validation loss {r['whole_val_loss']:.4f}; {r['seconds']:.1f} s in all")
     if "trainer_startup_s" in r:
-        line += (f" (Ray start {r['step_seconds'].get('ray start', 0):.1f} s, "
-                 f"trainer start-up {r['trainer_startup_s'] or 0:.1f} s)")
+        line += f" (Ray start {r['ray_start_s']:.1f} s, trainer start-up {r['trainer_startup_s']:.1f} s)"
     return line
 
 
@@ -171,13 +174,9 @@ def main() -> None:
     ratios = {"tokens_per_s_mw_vs_plain": mw["tokens_per_s"] / plain["tokens_per_s"],
               "time_to_target_mw_vs_plain": (mw["time_to_target_s"] / plain["time_to_target_s"]
                                              if mw["time_to_target_s"] and plain["time_to_target_s"] else None)}
-    fmt_s = lambda v: "not reached" if v is None else f"{v:.1f} s"  # noqa: E731
     print(f"median of {args.repeat} run(s) each:")
-    print(f"       plain: {plain['tokens_per_s']:,.0f} tokens/s; val loss <= {args.target} after "
-          f"{fmt_s(plain['time_to_target_s'])}; {plain['seconds']:.1f} s in all")
-    print(f"  modelworks: {mw['tokens_per_s']:,.0f} tokens/s; val loss <= {args.target} after "
-          f"{fmt_s(mw['time_to_target_s'])}; {mw['seconds']:.1f} s in all (Ray start {mw['ray_start_s']:.1f} s, "
-          f"trainer start-up {mw['trainer_startup_s']:.1f} s)")
+    print(show("plain", plain, args.target))
+    print(show("modelworks", mw, args.target))
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
     print(f"ratios: tokens/s {fmt(ratios['tokens_per_s_mw_vs_plain'])} (target >= {TARGET_TOKENS_RATIO}x); "
           f"time to {args.target} {fmt(ratios['time_to_target_mw_vs_plain'])} (target <= {TARGET_TIME_RATIO}x); "

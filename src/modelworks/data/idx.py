@@ -148,6 +148,11 @@ class IdxPair:
     def rows(self) -> int:
         return self.images.dims[0]
 
+    def check_sizes(self) -> None:
+        """Each file holds exactly what its header says (``check_size``)."""
+        check_size(self.images)
+        check_size(self.labels)
+
 
 def open_split(folder: Path, name: str, split: str, allow_download: bool, check_sizes: bool = True) -> IdxPair:
     """The split's image and label files, their headers checked against each other; with ``check_sizes``
@@ -173,7 +178,7 @@ def open_split(folder: Path, name: str, split: str, allow_download: bool, check_
     if images.dims[0] != labels.dims[0]:
         raise DataError(f"{name} {split}: {images.dims[0]} images but {labels.dims[0]} labels "
                         f"({paths[0].name} vs {paths[1].name}); the files do not belong together")
+    pair = IdxPair(images, labels)
     if check_sizes:
-        check_size(images)
-        check_size(labels)
-    return IdxPair(images, labels)
+        pair.check_sizes()
+    return pair

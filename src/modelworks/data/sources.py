@@ -146,8 +146,7 @@ def idx_source(cfg: DataConfig, root: Path) -> Source:
         read = {s: (idx.read_all(p.images), idx.read_all(p.labels).astype(np.int64)) for s, p in pairs.items()}
         return in_memory_source(*read["train"], cfg, class_names, test=read["test"])
     for p in pairs.values():  # streamed by Ray Data below: checked whole first, so a bad file fails now
-        idx.check_size(p.images)
-        idx.check_size(p.labels)
+        p.check_sizes()
     train_all = ray.data.from_items(_ranges(pairs["train"].rows, cfg.max_rows)).map_batches(
         _read_idx, batch_size=1, fn_kwargs={"pair": pairs["train"]})
     splits = {s: train_all.map_batches(_keep, fn_kwargs={"split": s, "cfg": cfg, "carve_test": False})

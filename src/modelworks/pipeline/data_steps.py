@@ -71,16 +71,14 @@ def ingest(ctx: Context) -> Output:
     src = sources.load_source(cfg.data, ctx.data_dir)
     meta = {"kind": "arrays" if src.arrays is not None else "datasets", "class_names": src.class_names,
             "image_shape": src.image_shape, "roles": src.roles}
+    (out / "source.json").write_text(json.dumps(meta))  # the folder is new and counts only once the step returns
     if src.arrays is not None:  # on the driver: written for a rerun, and used as they are in this one
         for split, arrays in src.arrays.items():
             store.write_arrays(out / f"{split}.parquet", arrays)
+        rows = {s: len(a["label"]) for s, a in src.arrays.items()}
     else:  # one pass over the source; every later step reads these files
         for split, ds in src.splits.items():
             ds.write_parquet(sources.ray_path(out / split))
-    (out / "source.json").write_text(json.dumps(meta))
-    if src.arrays is not None:
-        rows = {s: len(a["label"]) for s, a in src.arrays.items()}
-    else:
         src = load_ingest(ctx, {})
         rows = {s: store.parquet_rows(out / s) for s in src.splits}  # from the Parquet footers: no Ray Data pass
     where = f"{cfg.data.source} '{cfg.data.name}'" + (f" ({cfg.data.path})" if cfg.data.path else "")
