@@ -258,7 +258,7 @@ def main() -> int:
     pre = text_data.fit(texts, labels, {}, args.vocab_size, args.max_len)
     ids, lengths = pre.encode(texts)
     y = pre.encode_labels(labels)
-    print(f"data: {source}, {len(texts)} rows, WordPiece {pre.vocab_size} tokens (fitted in "
+    print(f"data: {source}, {len(texts)} rows, BPE {pre.vocab_size} tokens (fitted in "
           f"{time.perf_counter() - t0:.1f} s), mean {lengths.mean():.1f} tokens/row, max_len {args.max_len}")
 
     # Hold out a random share for the before/after evaluation. It comes from the training file (SST-2's

@@ -7,7 +7,7 @@ single-process server serving the same registered model, side by side in one run
     .venv/bin/python bench/serve_load.py --model mnist@production --registry ~/.modelworks/registry
 
 `--model text` registers a Transformer classifier of workflows/sst2.py's size (d_model 128, 4 layers, 4 heads,
-d_ff 512, max_len 64) with random weights and a WordPiece tokenizer (vocabulary 8,000) fitted on SST-2's
+d_ff 512, max_len 64) with random weights and a BPE tokenizer (vocabulary 8,000) fitted on SST-2's
 training sentences ($MODELWORKS_DATA_DIR/sst2/train.csv.gz; generated sentences when absent), and sends
 SST-2 validation sentences (or generated ones), each request its own sentence(s). Rates are then sentences/s.
 

@@ -5,7 +5,7 @@
              with 1 and 2 workers, on a real local Ray
 
 All variants train workflows/sst2.py's classifier (d_model 128, 4 layers, 4 heads, d_ff 512, max_len 64,
-WordPiece 8,000; AdamW, global batch 32, its lr schedule) on the same SST-2 training sentences (the first
+BPE 8,000; AdamW, global batch 32, its lr schedule) on the same SST-2 training sentences (the first
 --rows of train.csv.gz) with the same fitted tokenizer, for --epochs epochs. The plain loop is
 text_train_loop's epoch minus Ray: the same model spec, seed, optimizer, batch order (the same generator
 seeds as rank 0) and train_text.make_batch. As in bench/train_throughput.py the plain figure is the better
@@ -161,7 +161,7 @@ def main() -> None:
     results: dict = {"rows": len(train), "epochs": args.epochs, "batch_size": base.train.batch_size,
                      "cpus": os.cpu_count(), "spec": spec,
                      "load_avg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
-    print(f"SST-2: {len(train)} training sentences, {pre.vocab_size} WordPiece tokens, batch "
+    print(f"SST-2: {len(train)} training sentences, {pre.vocab_size} BPE tokens, batch "
           f"{base.train.batch_size}, {args.epochs} epochs; load average {results['load_avg_at_start']}", flush=True)
 
     best = None

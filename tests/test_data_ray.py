@@ -126,3 +126,22 @@ def test_real_mnist_source_counts(ray_local, mnist_dir):
     assert n_train + n_val == 60000 and 5500 < n_val < 6500
     assert rows(src.splits["test"]) == 10000
     assert src.class_names["3"] == "3"
+
+
+def test_text_rows_collect_in_the_same_order_whatever_the_row_order(ray_local):
+    # A worker shuffles row positions each epoch, so the order Ray Data delivers rows in must not matter.
+    import ray
+
+    from modelworks.train_text import _collect
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, size=(300, 6)).astype(np.int32)
+    rows = {"ids": ids, "length": rng.integers(1, 7, 300).astype(np.int32), "y": np.arange(300) % 2}
+    ids[11], rows["length"][11] = ids[20], rows["length"][20]  # a repeated text, with two labels
+    items = [{k: v[i] for k, v in rows.items()} for i in range(300)]
+    a = _collect(ray.data.from_items(items, override_num_blocks=6))
+    b = _collect(ray.data.from_items(items[::-1], override_num_blocks=6))
+    assert all(np.array_equal(a[k], b[k]) for k in rows) and len(a["y"]) == 300
+    # every row kept with its own length and label
+    assert sorted(map(tuple, np.column_stack([a["ids"], a["length"], a["y"]]))) == \
+        sorted(map(tuple, np.column_stack([ids, rows["length"], rows["y"]])))

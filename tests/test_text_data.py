@@ -10,14 +10,16 @@ import random
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from modelworks import checkpoint
 from modelworks.config import DataConfig, validate
 from modelworks.data.text_files import _read_text_rows
 from modelworks.data.text import (CLS_ID, PAD_ID, SEP_ID, TOKENIZER_FILE, TextPreprocessor, drop_contained, fit,
-                                  label_map, length_bucketed_batches, trim)
+                                  fit_tokenizer, label_map, length_bucketed_batches, trim)
 from modelworks.errors import CheckpointError, DataError, UserError
 from modelworks.models import build_model
+from modelworks.serve.testing import sentiment_data
 
 WORDS = "the a film movie was is marvelous dreadful plot acting actors story boring great funny slow".split()
 
@@ -53,14 +55,24 @@ def test_tokenizer_is_fitted_on_training_text_only():
     val = ["the zorblaxian film was marvelous", "a zorblaxian plot", "zorblaxian acting, zorblaxian story"]
     pre = fit(train, [i % 2 for i in range(200)], {}, vocab_size=300, max_len=16)
     vocab = pre.tokenizer.get_vocab()
-    assert "marvelous" in vocab and "dreadful" in vocab          # frequent training words are whole tokens
+    assert "▁marvelous" in vocab and "▁dreadful" in vocab        # frequent training words are whole tokens
     assert not any("zorblax" in token for token in vocab)        # the validation-only word is not
     tokens = pre.tokenizer.encode(val[0]).tokens
-    assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and "marvelous" in tokens
-    assert "zorblaxian" not in tokens
+    assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and "▁marvelous" in tokens
+    assert "▁zorblaxian" not in tokens
     # Control: had validation text been part of the fit, the word would be in the vocabulary.
     leaky = fit(train + val, [i % 2 for i in range(203)], {}, vocab_size=300, max_len=16)
-    assert "zorblaxian" in leaky.tokenizer.get_vocab()
+    assert "▁zorblaxian" in leaky.tokenizer.get_vocab()
+
+
+def test_one_text_fits_one_tokenizer():
+    # Equally frequent merges are where a trainer can go either way; these 40 sentences have many ties
+    # (tokenizers' WordPiece trainer gave 10 different vocabularies in 10 fits of them).
+    texts, _ = sentiment_data()
+    fits = {fit_tokenizer(texts, vocab_size=200, max_len=32).to_str() for _ in range(5)}
+    assert len(fits) == 1
+    tok = Tokenizer.from_str(fits.pop())
+    assert tok.decode(tok.encode("A gorgeous witty film").ids) == "a gorgeous witty film"
 
 
 def test_encode_pads_truncates_and_trims(fitted):
@@ -151,7 +163,9 @@ def test_text_checkpoint_round_trip(tmp_path, fitted):
 def test_modified_tokenizer_is_refused(tmp_path, fitted):
     _, path = tiny_text_checkpoint(tmp_path, fitted)
     tok = path / TOKENIZER_FILE
-    tok.write_text(tok.read_text().replace('"marvelous"', '"marvellous"'))
+    original = tok.read_text()
+    tok.write_text(original.replace('"▁marvelous"', '"▁marvellous"'))
+    assert tok.read_text() != original
     with pytest.raises(CheckpointError, match="tokenizer.json does not match its sha256"):
         checkpoint.load(path)
 

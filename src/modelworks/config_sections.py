@@ -78,7 +78,7 @@ class ModelConfig(_Strict):
     d_ff: int = Field(512, ge=8, description="width of the position-wise feed-forward layer")
     max_len: int = Field(64, ge=4, description="tokens per text (with [CLS] and [SEP]); longer texts are truncated. "
                                                "language_model: the context (block size) it trains and generates with")
-    vocab_size: int = Field(8000, ge=100, description="WordPiece vocabulary fitted on the training split")
+    vocab_size: int = Field(8000, ge=100, description="BPE vocabulary fitted on the training split")
     pooling: Literal["mean", "cls"] = "mean"
     use_sdpa: bool = Field(True, description="fused scaled_dot_product_attention; false = the written-out one")
 

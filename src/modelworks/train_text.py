@@ -54,7 +54,13 @@ def _collect(shard) -> dict[str, np.ndarray]:
             parts.setdefault(k, []).append(v)
     if not parts:
         return {"ids": np.zeros((0, 1), np.int32), "length": np.zeros(0, np.int32)}
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    rows = {k: np.concatenate(v) for k, v in parts.items()}
+    # Ray Data hands blocks over in the order they finish, and each epoch's shuffle permutes row positions:
+    # in content order, the same rows make the same batches in every run (rows equal in ids and label are
+    # interchangeable). np.lexsort's last key is the primary one.
+    keys = ([rows["y"]] if "y" in rows else []) + [rows["ids"][:, j] for j in reversed(range(rows["ids"].shape[1]))]
+    order = np.lexsort(keys)
+    return {k: v[order] for k, v in rows.items()}
 
 
 def make_batch(rows: dict[str, np.ndarray], idx: np.ndarray, task: str, vocab_size: int, mask_prob: float,

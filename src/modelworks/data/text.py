@@ -1,4 +1,4 @@
-"""Text preprocessing: a WordPiece tokenizer (HF ``tokenizers``) fitted on the training split only,
+"""Text preprocessing: a subword BPE tokenizer (HF ``tokenizers``) fitted on the training split only,
 token ids for Ray Data's ``map_batches``, per-batch dynamic padding and BERT's masked-token corruption.
 
 Rows leave ``TextPreprocessor`` as ``ids`` (int32, padded to ``max_len`` so Arrow stores a fixed-shape
@@ -26,14 +26,21 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def fit_tokenizer(texts: Iterable[str], vocab_size: int, max_len: int, min_frequency: int = 2) -> Tokenizer:
-    """WordPiece as BERT uses it: lower-case, split on spaces and punctuation, then into subwords, so a
-    word never seen in training still maps to known pieces instead of one [UNK]."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    """Subword BPE: lower-case, split on spaces and punctuation (as BERT does), mark each word's start with
+    "▁" (as SentencePiece does, so "▁good" and the "good" inside "▁feelgood" are different tokens), then
+    merge frequent pairs; a word never seen in training still maps to known pieces instead of one [UNK].
+
+    Not WordPiece: tokenizers' WordPiece trainer numbers its "##" pieces in hash-map order, which breaks
+    ties between equally frequent merges differently in every process (huggingface/tokenizers#1794), so
+    two fits of the same text gave two vocabularies. Plain BPE numbers its alphabet sorted, so one text
+    gives one tokenizer (tests/test_text.py)."""
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.BertPreTokenizer(),
+                                                 pre_tokenizers.Metaspace(prepend_scheme="always")])
+    tok.decoder = decoders.Metaspace(prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)])

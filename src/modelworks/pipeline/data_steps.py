@@ -178,7 +178,7 @@ def init_encoder(cfg: WorkflowConfig):
 
 
 def _text_preprocessor(ctx: Context, src: sources.Source) -> text_data.TextPreprocessor:
-    """A WordPiece tokenizer fitted on the training split (and the pre-training corpus), or the tokenizer of
+    """A BPE tokenizer fitted on the training split (and the pre-training corpus), or the tokenizer of
     the encoder a fine-tune starts from."""
     cfg = ctx.cfg
     labels: set = set()  # filled by the pass over the training texts (a Ray Data unique() is a second pass)
@@ -187,7 +187,7 @@ def _text_preprocessor(ctx: Context, src: sources.Source) -> text_data.TextPrepr
         for _ in split_texts(src.splits["train"], labels):
             pass
         pre = encoder.preprocessor.with_labels(*text_data.label_map(labels, src.class_names))
-        ctx.console(f"      tokenizer: the encoder's ({pre.vocab_size} WordPiece tokens)")
+        ctx.console(f"      tokenizer: the encoder's ({pre.vocab_size} BPE tokens)")
         return pre
     corpus = pretrain_corpus(cfg)
     texts = split_texts(src.splits["train"], labels)
@@ -195,6 +195,6 @@ def _text_preprocessor(ctx: Context, src: sources.Source) -> text_data.TextPrepr
         texts = (t for part in (texts, split_texts(corpus)) for t in part)
     tokenizer = text_data.fit_tokenizer(texts, cfg.model.vocab_size, cfg.model.max_len)
     pre = text_data.TextPreprocessor(tokenizer, cfg.model.max_len, *text_data.label_map(labels, src.class_names))
-    ctx.console(f"      tokenizer: WordPiece, {pre.vocab_size} tokens fitted on the training split"
+    ctx.console(f"      tokenizer: BPE, {pre.vocab_size} tokens fitted on the training split"
                 + (" and the pre-training corpus" if corpus is not None else ""))
     return pre

@@ -4,7 +4,7 @@
 digits for a few hundred full-batch steps and registers it through the normal checkpoint + registry path
 (checksums and all). ``register_mnist_shaped`` registers the seed's 784-256-128-10 MLP (or wider ``hidden``
 layers) with random weights: a stand-in for throughput measurements when no trained MNIST model is registered.
-``register_text`` fits a WordPiece tokenizer and trains a one-layer Transformer sentiment classifier on 40
+``register_text`` fits a BPE tokenizer and trains a one-layer Transformer sentiment classifier on 40
 short sentences (a second or two); ``register_text_shaped`` registers an SST-2-sized Transformer with random
 weights for the benchmark.
 """
@@ -74,7 +74,7 @@ def register_mnist_shaped(reg: Registry, name: str = "mnist-bench", seed: int = 
     return register_model(reg, name, model, spec, pre, metrics, {"name": name, "data": {"source": "idx"}}, aliases)
 
 
-# Sentiment sentences for the tiny text model: every adjective in two templates, so WordPiece keeps whole words.
+# Sentiment sentences for the tiny text model: every adjective in two templates, so the tokenizer keeps whole words.
 POSITIVE_WORDS = ("gorgeous", "witty", "moving", "brilliant", "charming", "delightful", "funny", "touching",
                   "superb", "wonderful")
 NEGATIVE_WORDS = ("dull", "tedious", "boring", "clumsy", "lifeless", "awful", "tiresome", "bland", "messy",
@@ -140,7 +140,7 @@ def register_text(reg: Registry, name: str = "sentiment", *, steps: int = 60, se
 
 def register_text_shaped(reg: Registry, texts: list[str], name: str = "sst2-bench", *, vocab_size: int = 8000,
                          max_len: int = 64, seed: int = 0, aliases=("latest",)) -> int:
-    """An SST-2-sized Transformer classifier (128 wide, 4 layers, 4 heads) with a WordPiece tokenizer fitted on
+    """An SST-2-sized Transformer classifier (128 wide, 4 layers, 4 heads) with a BPE tokenizer fitted on
     ``texts`` and random weights: a stand-in for throughput measurements."""
     torch.manual_seed(seed)
     pre = text.fit(texts, [0, 1], TEXT_CLASS_NAMES, vocab_size=vocab_size, max_len=max_len)
