@@ -82,8 +82,8 @@ _VERBS = "works shines moves drags sags holds lands fails grips fades".split()
 _INTENSIFIERS = "very really quite so rather truly".split()
 
 
-def synthetic_corpus(rows: int, seed: int) -> tuple[list[str], list[str]]:
-    rng = random.Random(seed)
+def synthetic_corpus(rows: int, random_seed: int) -> tuple[list[str], list[str]]:
+    rng = random.Random(random_seed)
     texts, labels = [], []
     for _ in range(rows):
         label = rng.randrange(2)
@@ -105,7 +105,7 @@ def load_data(args) -> tuple[str, list[str], list[str]]:
         if sst2 is None or not sst2.is_file():
             raise SystemExit(f"--data sst2: no {sst2}; set MODELWORKS_DATA_DIR or --data-dir")
         return "sst2", *read_sst2(sst2, args.rows)
-    return "synthetic", *synthetic_corpus(args.rows or 20_000, args.seed)
+    return "synthetic", *synthetic_corpus(args.rows or 20_000, args.random_seed)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -158,7 +158,7 @@ def run_task(task: str, args, pre: text_data.TextPreprocessor, train: tuple, hel
             "d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads,
             "d_ff": args.d_ff or 4 * args.d_model, "dropout": args.dropout, "pad_id": text_data.PAD_ID,
             "num_classes": max(pre.num_classes, 2), "pooling": "mean", "use_sdpa": not args.no_sdpa}
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.random_seed)
     model = transformer.build(spec).to(device)
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(text_steps.param_groups(model, WEIGHT_DECAY), lr=args.lr, betas=(0.9, 0.98),
@@ -172,7 +172,7 @@ def run_task(task: str, args, pre: text_data.TextPreprocessor, train: tuple, hel
     print(f"\n== {task}: {params / 1e6:.2f} M parameters, {args.steps} steps of batch {args.batch_size}; "
           f"held-out loss before {before['loss']:.4f}, accuracy {before['accuracy']:.4f}", flush=True)
 
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.random_seed)
     batches: list[np.ndarray] = []
     losses, window_tokens, total_tokens, timed_tokens, timed_s = [], 0, 0, 0, 0.0
     sync(device)
@@ -243,7 +243,7 @@ def main() -> int:
     p.add_argument("--no-sdpa", action="store_true", help="the written-out attention instead of the fused one")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default torch's); 1 is faster on a CPU shared with other jobs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-seed", type=int, default=0)
     p.add_argument("--json", default=str(REPO / "bench/results/gpu_check.json"))
     args = p.parse_args()
 
@@ -263,7 +263,7 @@ def main() -> int:
 
     # Hold out a random share for the before/after evaluation. It comes from the training file (SST-2's
     # phrases overlap each other), so its accuracy says "it learns", not how good the model is.
-    order = np.random.default_rng(args.seed).permutation(len(texts))
+    order = np.random.default_rng(args.random_seed).permutation(len(texts))
     n_held = min(MAX_HELD_OUT, max(1, int(HELD_OUT_FRACTION * len(texts))))
     held, kept = order[:n_held], order[n_held:]
     train, held_out = (ids[kept], lengths[kept], y[kept]), (ids[held], lengths[held], y[held])

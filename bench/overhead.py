@@ -64,7 +64,7 @@ def plain(workflow: str, data_dir: str) -> dict:
     mean, std = x[train].mean(), x[train].std()
     norm = lambda a: (torch.as_tensor(a.reshape(len(a), -1), dtype=torch.float32) - mean) / std  # noqa: E731
     xtr, ytr = norm(x[train].numpy()), torch.from_numpy(y)[train]
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.random_seed)
     model = MLP(xtr.shape[1], cfg.model.hidden_sizes, 10)
     t = cfg.train
     opt = (torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam)(model.parameters(), lr=t.lr,

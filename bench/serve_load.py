@@ -168,9 +168,9 @@ def sst2_sentences(split: str) -> list[str] | None:
     return pd.read_csv(path, dtype=str, keep_default_na=False)["text"].tolist()
 
 
-def generated_sentences(n: int, seed: int) -> list[str]:
+def generated_sentences(n: int, random_seed: int) -> list[str]:
     """Review-like sentences of 3..30 words, for when SST-2 is not at hand."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(random_seed)
     words = ("the a this film movie story cast plot script director actors scenes ending music is was feels "
              "looks becomes remains never always quite very too rather so and but yet with without of in about "
              "gorgeous witty moving brilliant charming dull tedious boring clumsy lifeless awful funny smart "
@@ -244,7 +244,7 @@ def main() -> int:
 
         train = sst2_sentences("train")
         t_fit = time.perf_counter()
-        model = f"sst2-bench@{register_text_shaped(reg, train or generated_sentences(20_000, seed=1))}"
+        model = f"sst2-bench@{register_text_shaped(reg, train or generated_sentences(20_000, random_seed=1))}"
         print(f"registered {model}: tokenizer fitted on {'SST-2 train' if train else 'generated'} sentences "
               f"in {time.perf_counter() - t_fit:.1f}s", flush=True)
     loaded, version = reg.load(model)
@@ -282,7 +282,7 @@ def main() -> int:
         if is_text:  # 256 different requests per size, cycled: the tokenizer and padding see real variety
             sentences = sst2_sentences("validation")
             sentences_from = "sst2/validation" if sentences else "generated"
-            sentences = sentences or generated_sentences(1000, seed=2)
+            sentences = sentences or generated_sentences(1000, random_seed=2)
             shuffled = [sentences[i] for i in np.random.default_rng(0).permutation(len(sentences))]
 
             def text_body(i: int, n: int) -> bytes:

@@ -28,8 +28,8 @@ def served(ray_local, tmp_path_factory):
     from ray import serve
 
     def two_versions(reg):
-        register_digits(reg, seed=0, steps=300)          # v1
-        register_digits(reg, seed=1, steps=60, hidden=(16,))  # v2: different weights, different answers
+        register_digits(reg, random_seed=0, steps=300)          # v1
+        register_digits(reg, random_seed=1, steps=60, hidden=(16,))  # v2: different weights, different answers
         reg.set_alias("digits", "production", 1)
 
     cfg = ServeConfig(alias_poll_s=0.5, max_inputs=64, max_body_bytes=1 << 20, min_replicas=1, max_replicas=1)

@@ -28,7 +28,7 @@ def served(ray_local, tmp_path_factory):
 
     cfg = ServeConfig(max_inputs=8, max_body_bytes=MAX_BODY, min_replicas=1, max_replicas=1, alias_poll_s=0)
     _, _, url = serve_fresh_registry(tmp_path_factory, "serve_openapi_home",
-                                     lambda reg: register_digits(reg, seed=0, steps=20), "digits@latest", cfg)
+                                     lambda reg: register_digits(reg, random_seed=0, steps=20), "digits@latest", cfg)
     yield {"url": url, "doc": requests.get(url + "/openapi.json", timeout=30).json()}
     serve.shutdown()
 

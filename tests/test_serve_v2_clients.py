@@ -30,7 +30,7 @@ def served(ray_local, tmp_path_factory):
 
     cfg = ServeConfig(max_inputs=16, max_body_bytes=MAX_BODY, min_replicas=1, max_replicas=1, alias_poll_s=0)
     _, _, url = serve_fresh_registry(tmp_path_factory, "serve_v2_home",
-                                     lambda reg: register_digits(reg, seed=0, steps=200), "digits@latest", cfg)
+                                     lambda reg: register_digits(reg, random_seed=0, steps=200), "digits@latest", cfg)
     x, _ = digits_data()
     client = httpclient.InferenceServerClient(url=url.removeprefix("http://"), network_timeout=60.0)
     yield {"url": url, "client": client, "x": x[:N].astype(np.float32)}

@@ -167,7 +167,7 @@ def test_asha_search_on_digits_finishes_stops_trials_early_and_registers_the_bes
     from modelworks.workflow import run_workflow
 
     cfg = _cfg("search.enabled=true", "search.num_samples=5", "search.max_epochs=4", "search.grace_period=1",
-               "search.reduction_factor=2", 'search.space.lr={"loguniform": [1e-5, 3e-2]}', "search.seed=1")
+               "search.reduction_factor=2", 'search.space.lr={"loguniform": [1e-5, 3e-2]}', "search.random_seed=1")
     t0 = time.time()
     lines = []
     result = run_workflow(cfg, log=lines.append)
@@ -269,7 +269,7 @@ def test_two_worker_trials_run_distributed_and_asha_stopped_ones_release_their_w
     # start-up here). 2 trials are enough: seed 31 samples lr 1.4e-2 then 1.7e-5, so the first runs all 3
     # epochs (ASHA passes the first result at a rung) and the second, far behind it at rung 1, is stopped.
     cfg = _cfg("search.enabled=true", "search.num_samples=2", "search.max_epochs=3", "search.grace_period=1",
-               "search.reduction_factor=2", "search.seed=31", "train.workers=2", "data.max_rows=600",
+               "search.reduction_factor=2", "search.random_seed=31", "train.workers=2", "data.max_rows=600",
                'search.space={"lr": {"loguniform": [1e-5, 3e-2]}}')
     result = run_search(cfg, register=False, log=lambda m: None)
     by_status = {s: [r for r in result.trials if r["status"] == s] for s in ("completed", "stopped")}

@@ -21,7 +21,7 @@ from modelworks.tune import read_attempts, trial_checkpoints
 REPO = Path(__file__).resolve().parents[1]
 MODELWORKS = Path(sys.executable).with_name("modelworks")
 ARGS = [str(REPO / "workflows" / "digits.py"), "--set", "search.num_samples=4", "--set", "search.max_epochs=4",
-        "--set", "search.scheduler=fifo", "--set", "search.seed=3", "--json",
+        "--set", "search.scheduler=fifo", "--set", "search.random_seed=3", "--json",
         # 2 waves of 2 trials: all 4 at once (the default) finish together, leaving no moment when one trial
         # is done and another is mid-way to kill the driver at.
         "--set", "search.max_concurrent=2"]

@@ -118,7 +118,7 @@ class TrainConfig(_Strict):
     # Disk: every epoch's checkpoint of a long run adds up (the SST-2 encoder: 40 of them).
     keep_checkpoints: int | None = Field(2, ge=1, description="checkpoints a run keeps: the N best by evaluate.metric, "
                                                               "and the newest (resume needs it); null = every one")
-    seed: int = 0
+    random_seed: int = Field(0, description="initial weights, batch order and masks (one run, one result)")
 
 
 class PretrainConfig(_Strict):
@@ -207,7 +207,7 @@ class SearchConfig(_Strict):
     reduction_factor: int = Field(3, ge=2)
     searcher: Literal["random"] = "random"
     scheduler: Literal["asha", "fifo"] = Field("asha", description="fifo runs every trial to max_epochs")
-    seed: int = 0
+    random_seed: int = Field(0, description="the search's draws from the space")
     max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's CPUs allow")
     cpus_per_trial: float | None = Field(None, gt=0, description="default: 1 CPU per training worker")
 

@@ -175,7 +175,7 @@ def train_loop(loop_cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    torch.manual_seed(cfg.train.random_seed)  # identical initial weights on every rank
 
     spec = model_spec(cfg, pre)
     model = build_model(spec)
@@ -220,7 +220,7 @@ def train_loop(loop_cfg: dict) -> None:
         loss_sum = seen = 0.0
         if cached:
             (x_all, y_all), _ = cached
-            gen = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch * 1009 + rank)
+            gen = torch.Generator().manual_seed(cfg.train.random_seed * 100_003 + epoch * 1009 + rank)
             perm = torch.randperm(len(x_all), generator=gen).to(device)
             batches = ((x_all[i], y_all[i]) for i in perm[: steps * local_bs].split(local_bs))
         else:

@@ -92,7 +92,7 @@ def lm_train_loop(loop_cfg: dict) -> None:
     local_bs = max(1, hp.batch_size // world)  # the configured batch is global
     val_starts = validation_starts(len(val_ids), context, hp.eval_batches * hp.batch_size)[rank::world]
 
-    torch.manual_seed(hp.seed)  # identical initial weights on every rank
+    torch.manual_seed(hp.random_seed)  # identical initial weights on every rank
     model = build_model(spec)
     optimizer = make_optimizer(model, cfg)
     warmup = int(hp.warmup_ratio * steps)
@@ -121,7 +121,7 @@ def lm_train_loop(loop_cfg: dict) -> None:
         round_no = step // hp.eval_every + 1
         end = min(steps, round_no * hp.eval_every)
         # Each round's windows come from its own seed: a resumed run draws what the killed one would have.
-        gen = torch.Generator().manual_seed(hp.seed * 100_003 + round_no * 1009 + rank)
+        gen = torch.Generator().manual_seed(hp.random_seed * 100_003 + round_no * 1009 + rank)
         t0 = time.perf_counter()
         loss_sum = count = 0.0
         for i in range(end - step):

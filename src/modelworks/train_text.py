@@ -94,7 +94,7 @@ def text_train_loop(loop_cfg: dict) -> None:
     ctx = ray.train.get_context()  # Ray
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")  # Ray
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    torch.manual_seed(cfg.train.random_seed)  # identical initial weights on every rank
 
     model = build_model(spec)
     init_from = loop_cfg.get("init_encoder")
@@ -147,7 +147,7 @@ def text_train_loop(loop_cfg: dict) -> None:
     progress = WorkerProgress(loop_cfg.get("progress"), rank, task)
     progress.start(hp.epochs, start_epoch, steps, unit="tokens")
     for epoch in range(start_epoch, hp.epochs + 1):
-        gen = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch * 1009 + rank)
+        gen = torch.Generator().manual_seed(cfg.train.random_seed * 100_003 + epoch * 1009 + rank)
         batches = length_bucketed_batches(train_rows["length"], local_bs, gen)[: steps * accum]
         t0 = time.perf_counter()
         loss_sum = targets = tokens = 0.0

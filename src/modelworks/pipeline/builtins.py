@@ -60,7 +60,7 @@ def builtin_steps(cfg: WorkflowConfig) -> list[Step]:
               "pretrain.enabled", "steps"),
              load=data_steps.load_preprocess, about="fit on the training split; preprocessed splits as Parquet"),
         Step("pretrain", ("ingest", "preprocess"), model_steps.pretrain, True,
-             ("model", "pretrain", "train.workers", "train.use_gpu", "train.max_failures", "train.seed", "name",
+             ("model", "pretrain", "train.workers", "train.use_gpu", "train.max_failures", "train.random_seed", "name",
               "registry", "steps"),
              load=_no_object, detail=model_steps.pretrain_detail, clear=_clear_pretraining,
              about="masked-language modelling; the encoder is registered"),

@@ -42,9 +42,9 @@ def register_model(reg: Registry, name: str, model, spec: dict, pre, metrics: di
         return reg.register(name, ckpt, meta=meta, aliases=aliases)
 
 
-def register_digits(reg: Registry, name: str = "digits", *, steps: int = 300, seed: int = 0,
+def register_digits(reg: Registry, name: str = "digits", *, steps: int = 300, random_seed: int = 0,
                     hidden=(32,), aliases=("latest",)) -> int:
-    torch.manual_seed(seed)
+    torch.manual_seed(random_seed)
     x, y = digits_data()
     pre = Preprocessor([8, 8], float(x.mean()), float(x.std()), list(range(10)), [str(i) for i in range(10)])
     spec = {"name": "mlp", "input_dim": 64, "num_classes": 10, "hidden_sizes": list(hidden), "dropout": 0.0}
@@ -64,9 +64,9 @@ def register_digits(reg: Registry, name: str = "digits", *, steps: int = 300, se
     return register_model(reg, name, model, spec, pre, metrics, config, aliases)
 
 
-def register_mnist_shaped(reg: Registry, name: str = "mnist-bench", seed: int = 0, aliases=("latest",),
+def register_mnist_shaped(reg: Registry, name: str = "mnist-bench", random_seed: int = 0, aliases=("latest",),
                           hidden=(256, 128)) -> int:
-    torch.manual_seed(seed)
+    torch.manual_seed(random_seed)
     pre = Preprocessor([28, 28], 33.3, 78.6, list(range(10)), [str(i) for i in range(10)])
     spec = {"name": "mlp", "input_dim": 784, "num_classes": 10, "hidden_sizes": list(hidden), "dropout": 0.0}
     model = build_model(spec).eval()
@@ -108,10 +108,10 @@ def _text_spec(pre, **sizes) -> dict:
             "num_classes": pre.num_classes, **sizes}
 
 
-def register_text(reg: Registry, name: str = "sentiment", *, steps: int = 60, seed: int = 0,
+def register_text(reg: Registry, name: str = "sentiment", *, steps: int = 60, random_seed: int = 0,
                   aliases=("latest",)) -> int:
     """A tiny real sentiment classifier (negative/positive), trained on ``sentiment_data`` with plain torch."""
-    torch.manual_seed(seed)
+    torch.manual_seed(random_seed)
     texts, labels = sentiment_data()
     vocab_size = 200
     pre = text.fit(texts, labels, TEXT_CLASS_NAMES, vocab_size=vocab_size, max_len=32)
@@ -139,10 +139,10 @@ def register_text(reg: Registry, name: str = "sentiment", *, steps: int = 60, se
 
 
 def register_text_shaped(reg: Registry, texts: list[str], name: str = "sst2-bench", *, vocab_size: int = 8000,
-                         max_len: int = 64, seed: int = 0, aliases=("latest",)) -> int:
+                         max_len: int = 64, random_seed: int = 0, aliases=("latest",)) -> int:
     """An SST-2-sized Transformer classifier (128 wide, 4 layers, 4 heads) with a BPE tokenizer fitted on
     ``texts`` and random weights: a stand-in for throughput measurements."""
-    torch.manual_seed(seed)
+    torch.manual_seed(random_seed)
     pre = text.fit(texts, [0, 1], TEXT_CLASS_NAMES, vocab_size=vocab_size, max_len=max_len)
     spec = _text_spec(pre, d_model=128, n_layers=4, n_heads=4, d_ff=512)
     model = build_model(spec).eval()

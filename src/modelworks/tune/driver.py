@@ -202,7 +202,7 @@ def search_trials(cfg: WorkflowConfig, pre, datasets: dict, search_dir: Path, *,
             tune_config=tune.TuneConfig(
                 num_samples=cfg.search.num_samples, scheduler=scheduler,
                 # The concurrency limit lives in the generator (Tune ignores max_concurrent_trials with it).
-                search_alg=BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=plan.concurrency),
+                search_alg=BasicVariantGenerator(random_state=cfg.search.random_seed, max_concurrent=plan.concurrency),
                 reuse_actors=False,
                 trial_dirname_creator=lambda t: t.trial_id),
             run_config=tune.RunConfig(
