@@ -233,9 +233,12 @@ def test_sixteen_concurrent_generations_share_the_replica(served):
     assert deployment_options(ServeConfig(), "m", "/r")["max_ongoing_requests"] >= 16
     n = 150
     generate_http(served, max_new_tokens=n, seed=0)  # warm
-    t0 = time.perf_counter()
-    generate_http(served, max_new_tokens=n, seed=0)
-    one = time.perf_counter() - t0
+    alone = []
+    for _ in range(3):  # the median of three: one ~0.1 s request is at the mercy of a single scheduler hiccup
+        t0 = time.perf_counter()
+        generate_http(served, max_new_tokens=n, seed=0)
+        alone.append(time.perf_counter() - t0)
+    one = sorted(alone)[1]
     before = served["handle"].generation_info.remote().result()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
