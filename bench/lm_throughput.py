@@ -55,7 +55,7 @@ def plain_loop(cfg, train_ids: np.ndarray, val_ids: np.ndarray, pre, threads: in
     train_t, val_t = torch.from_numpy(train_ids.astype(np.int64)), torch.from_numpy(val_ids.astype(np.int64))
     steps = train_lm.total_steps(cfg, len(train_t))
     val_starts = train_lm.validation_starts(len(val_t), context, hp.eval_batches * hp.batch_size)
-    torch.manual_seed(hp.seed)
+    torch.manual_seed(hp.random_seed)
     model = build_model(train_lm.lm_model_spec(cfg, pre))
     optimizer = train_lm.make_optimizer(model, cfg)
     warmup = int(hp.warmup_ratio * steps)
@@ -65,7 +65,7 @@ def plain_loop(cfg, train_ids: np.ndarray, val_ids: np.ndarray, pre, threads: in
     while step < steps:
         round_no = step // hp.eval_every + 1
         end = min(steps, round_no * hp.eval_every)
-        gen = torch.Generator().manual_seed(hp.seed * 100_003 + round_no * 1009)
+        gen = torch.Generator().manual_seed(hp.random_seed * 100_003 + round_no * 1009)
         t0 = time.perf_counter()
         for _ in range(end - step):
             x, y = corpus.windows(train_t, torch.randint(len(train_t) - context - 1, (hp.batch_size,), generator=gen),

@@ -80,7 +80,7 @@ def bench_plain(cfg: WorkflowConfig, pre: text_data.TextPreprocessor, spec: dict
     torch.set_num_threads(threads)
     ids, lengths = pre.encode(train["text"].tolist())
     rows = {"ids": ids, "length": lengths, "y": pre.encode_labels(train["label"].tolist())}
-    torch.manual_seed(hp.seed)
+    torch.manual_seed(hp.random_seed)
     model = build_model(spec)
     steps = len(lengths) // hp.batch_size
     total_steps = max(1, steps * hp.epochs)
@@ -91,7 +91,7 @@ def bench_plain(cfg: WorkflowConfig, pre: text_data.TextPreprocessor, spec: dict
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     rates, losses = [], []
     for epoch in range(1, hp.epochs + 1):
-        gen = torch.Generator().manual_seed(hp.seed * 100_003 + epoch * 1009)  # rank 0's seed in text_train_loop
+        gen = torch.Generator().manual_seed(hp.random_seed * 100_003 + epoch * 1009)  # rank 0's seed in text_train_loop
         batches = text_data.length_bucketed_batches(lengths, hp.batch_size, gen)[:steps]
         t0, tokens, loss_sum, targets = time.perf_counter(), 0, 0.0, 0
         for idx in batches:
