@@ -33,7 +33,7 @@ def fit_tokenizer(texts: Iterable[str], vocab_size: int, max_len: int, min_frequ
     Not WordPiece: tokenizers' WordPiece trainer numbers its "##" pieces in hash-map order, which breaks
     ties between equally frequent merges differently in every process (huggingface/tokenizers#1794), so
     two fits of the same text gave two vocabularies. Plain BPE numbers its alphabet sorted, so one text
-    gives one tokenizer (tests/test_text.py)."""
+    gives one tokenizer (tests/test_text_data.py)."""
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.BertPreTokenizer(),
