@@ -34,6 +34,16 @@ def test_digits_splits_are_disjoint_and_complete(ray_local):
     assert 300 < rows(src.splits["test"]) < 420
 
 
+def test_in_memory_splits_become_datasets_only_when_read(ray_local):
+    src = sources.digits_source(DataConfig(source="digits"))
+    assert isinstance(src.splits, sources.ArraySplits) and src.splits._made == {}  # nothing in the object store yet
+    assert list(src.splits) == list(sources.SPLITS)
+    val = src.splits["val"].take_all()  # made on first use, from the same rows as the arrays
+    assert list(src.splits._made) == ["val"] and src.splits["val"] is src.splits["val"]
+    assert np.array_equal(np.stack([r["x"] for r in val]), src.arrays["val"]["x"])
+    assert [r["label"] for r in val] == src.arrays["val"]["label"].tolist()
+
+
 def test_preprocessor_is_fitted_on_train_only(ray_local, tmp_path):
     # Train-ish rows around 0, and a few rows with huge values: wherever those land outside train,
     # the fitted mean must not see them.

@@ -5,6 +5,7 @@ import logging
 import os
 import secrets
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -12,6 +13,32 @@ import ray
 from modelworks import ray_private
 from modelworks import registry as registry_mod
 from modelworks.serve import apply_serve_env
+
+
+# How often Train V2's controller polls its workers. A worker's ``ray.train.report`` waits until the controller has
+# picked up its previous report (a queue of one), so an epoch costs at least one poll: Ray's 2 s default adds ~2 s
+# to every epoch. A setting in the environment before this module is imported is the user's and always wins.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+TRAIN_POLL_DEFAULT_S = "0.2"
+_TRAIN_POLL_FROM_USER = TRAIN_POLL_ENV in os.environ
+
+
+@contextmanager
+def train_poll_interval(seconds: float | None):
+    """The controller poll for the TorchTrainer started inside (Train V2 passes RAY_TRAIN_* variables of the
+    driver on to its controller): ``seconds`` unless the user chose one; None keeps the process default."""
+    if seconds is None or _TRAIN_POLL_FROM_USER:
+        yield
+        return
+    before = os.environ.get(TRAIN_POLL_ENV)
+    os.environ[TRAIN_POLL_ENV] = str(seconds)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(TRAIN_POLL_ENV, None)
+        else:
+            os.environ[TRAIN_POLL_ENV] = before
 
 
 def ensure_ray(num_cpus: int | None = None) -> str:
@@ -23,8 +50,7 @@ def ensure_ray(num_cpus: int | None = None) -> str:
     """
     if ray.is_initialized():
         return "Ray (connected before)"
-    # Train V2's controller picks up each epoch's report on its poll; the 2 s default adds ~2 s per epoch.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_DEFAULT_S)  # a private Ray's processes inherit it (Tune's trials)
     if not os.environ.get("RAY_ADDRESS"):  # one machine: no spot node to be preempted; one process less to start
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     running = None if os.environ.get("RAY_ADDRESS") or os.environ.get("MODELWORKS_JOIN_RAY") == "0" \

@@ -33,10 +33,14 @@ from modelworks.data.preprocess import Preprocessor
 from modelworks.errors import UserError
 from modelworks.models import build_model
 from modelworks.progress import EpochRecorded, FollowProgress, WorkerProgress
-from modelworks.runtime import ray_is_local
+from modelworks.runtime import ray_is_local, train_poll_interval
 
 # checkpoint_epoch=N (epochs) or checkpoint_step=N (language models, which train by steps)
 CKPT_RE = re.compile(r"^checkpoint_(?:epoch|step)=(\d+)$")
+# The controller's poll for the MLP trainer (runtime.train_poll_interval): its epochs last 0.05-3 s, so the 0.2 s
+# default was a third of a digits run's 20 epochs. Text and language models keep 0.2 s: their reports are tens of
+# seconds apart, and each poll takes CPU from the 2 compute threads.
+MLP_POLL_S = 0.05
 # Logical CPUs kept free for Ray Data's read/map tasks (each asks for 1 CPU): without them, training
 # workers holding every CPU wait forever for their own input (seen on 2 cores, see ray-notes.md).
 DATA_CPUS = 1.0
@@ -335,7 +339,7 @@ def fit(cfg: WorkflowConfig, datasets: dict[str, ray.data.Dataset], pre: Preproc
         console(f"      resuming run {run_name} from checkpoint_epoch={last} (epochs 1-{last} are done)")
     with console.training("", cfg.train.max_failures + 1) as on_event, FollowProgress(on_event) as board:
         run_trainer(train_loop, {"config": cfg.model_dump(mode="json"), "preprocessor": pre.to_json()}, datasets,
-                    cfg, runs_root, run_name, progress=board)
+                    cfg, runs_root, run_name, progress=board, poll_s=MLP_POLL_S)
     return run_dir
 
 
@@ -350,12 +354,12 @@ def checkpoints_kept(cfg: WorkflowConfig) -> CheckpointConfig:
 
 
 def run_trainer(loop, loop_config: dict, datasets: dict, cfg: WorkflowConfig, storage: Path, name: str,
-                progress=None) -> None:
+                progress=None, poll_s: float | None = None) -> None:
     """One TorchTrainer run of ``loop`` on train/val, with the CPU plan's threads, checkpoints kept, and
     the workflow's failure policy; rerunning the same storage/name resumes it. ``datasets``: Ray Datasets,
     or for data that fits in memory ``{"x", "y"}`` arrays per split, which the workers read from the object
     store (no Ray Data pipeline: its coordinator actors cost seconds to start). ``progress``: a
-    ``progress.ProgressBoard`` rank 0 reports to."""
+    ``progress.ProgressBoard`` rank 0 reports to; ``poll_s``: the controller's poll (runtime.train_poll_interval)."""
     in_memory = isinstance(datasets["train"], dict)  # arrays that fit in memory: the object store, not Ray Data
     plan = plan_cpus(cfg.train.workers, cfg.train.use_gpu, data_cpus=0.0 if in_memory else DATA_CPUS)
     loop_config = {**loop_config, "threads": plan.threads, "progress": progress}
@@ -364,7 +368,7 @@ def run_trainer(loop, loop_config: dict, datasets: dict, cfg: WorkflowConfig, st
         datasets = None
     else:
         datasets = {"train": datasets["train"], "val": datasets["val"]}
-    TorchTrainer(
+    trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
         datasets=datasets,
@@ -376,5 +380,7 @@ def run_trainer(loop, loop_config: dict, datasets: dict, cfg: WorkflowConfig, st
             checkpoint_config=checkpoints_kept(cfg),
             callbacks=[EpochRecorded(progress)] if progress is not None else None,
         ),
-    ).fit()
+    )
+    with train_poll_interval(poll_s):
+        trainer.fit()
     storage_mod.pull(storage / name)  # object storage: evaluate and register read the run folder's copy

@@ -24,6 +24,7 @@ from typing import Callable
 import ray
 
 from modelworks import registry as registry_mod
+from modelworks import warmup
 from modelworks.config import WorkflowConfig
 from modelworks.console import Console
 from modelworks.errors import UserError
@@ -111,6 +112,7 @@ def execute(cfg: WorkflowConfig, *, run_name: str | None, data_dir: str | None, 
     if runner.plan():
         ray_desc = "Ray not started: every step is cached"
     else:
+        warmup.start(warmup.ingest_modules(cfg))  # while Ray starts
         with console.timed("ray start"):
             how = ensure_ray()
         if cfg.search.enabled:

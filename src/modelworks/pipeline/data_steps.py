@@ -12,6 +12,7 @@ downstream of a cache hit reads exactly what the step made then:
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -36,9 +37,8 @@ def data_files(cfg: WorkflowConfig, data_dir: str | None) -> list[str]:
     """The files the ingest step reads: what its cache key fingerprints."""
     d, root = cfg.data, sources.data_dir(data_dir)
     if d.source in ("digits", "sklearn"):  # shipped inside scikit-learn: its own data files
-        import sklearn.datasets
-
-        folder = Path(sklearn.datasets.__file__).parent / "data"
+        # found, not imported: importing scikit-learn takes ~1.3 s, and the plan runs before Ray starts
+        folder = Path(importlib.util.find_spec("sklearn").submodule_search_locations[0]) / "datasets" / "data"
         stem = "digits" if d.source == "digits" else SKLEARN_TABLES.get(d.name, d.name).removeprefix("load_")
         paths = [str(p) for p in sorted(folder.glob(f"{stem}*"))]
     elif d.source == "corpus":
@@ -94,7 +94,7 @@ def load_ingest(ctx: Context, value: dict):
                                                  for s in ("train", "val")))
     if meta["kind"] == "arrays":
         arrays = {s: store.read_arrays(folder / f"{s}.parquet") for s in SPLITS if (folder / f"{s}.parquet").exists()}
-        return sources.Source({s: sources.arrays_dataset(a) for s, a in arrays.items()}, meta["class_names"],
+        return sources.Source(sources.ArraySplits(arrays), meta["class_names"],
                               meta["image_shape"], meta["roles"], arrays)
     splits = {s: ray.data.read_parquet(sources.ray_path(folder / s)) for s in SPLITS if (folder / s).is_dir()}
     return sources.Source(splits, meta["class_names"], meta["image_shape"], meta["roles"])

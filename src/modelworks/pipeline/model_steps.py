@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from modelworks import registry as registry_mod
-from modelworks import train
+from modelworks import train, warmup
 from modelworks.pipeline.data_steps import init_encoder, pretrain_corpus
 from modelworks.pipeline.types import Context, Output
 from modelworks.steps import register_result, registered_version
@@ -103,6 +103,8 @@ def train_detail(ctx: Context) -> str:
 def train_step(ctx: Context) -> Output:
     cfg, run_dir = ctx.cfg, ctx.run_dir
     pre, datasets = ctx.obj("preprocess")
+    if "evaluate" in ctx.number:  # the next step's libraries, while this process waits on the trainer
+        warmup.start(warmup.evaluate_modules(cfg))
     if cfg.model.task == "language_model":
         from modelworks import train_lm
 
