@@ -34,6 +34,18 @@ def test_digits_splits_are_disjoint_and_complete(ray_local):
     assert 300 < rows(src.splits["test"]) < 420
 
 
+def test_digits_are_read_as_scikit_learns_loader_reads_them():
+    cfg = DataConfig(source="digits")
+    src = sources.digits_source(cfg)
+    x = np.concatenate([src.arrays[s]["x"] for s in sources.SPLITS])
+    y = np.concatenate([src.arrays[s]["label"] for s in sources.SPLITS])
+    ref = load_digits()
+    order = np.concatenate([np.flatnonzero(sources.split_codes(
+        ref.images.astype(np.float32), cfg.split_seed, cfg.val_fraction, cfg.test_fraction) == i) for i in range(3)])
+    assert x.shape == (1797, 8, 8) and x.dtype == np.float32 and y.dtype == np.int64
+    assert np.array_equal(x, ref.images[order].astype(np.float32)) and np.array_equal(y, ref.target[order])
+
+
 def test_in_memory_splits_become_datasets_only_when_read(ray_local):
     src = sources.digits_source(DataConfig(source="digits"))
     assert isinstance(src.splits, sources.ArraySplits) and src.splits._made == {}  # nothing in the object store yet

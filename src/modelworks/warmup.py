@@ -2,7 +2,7 @@
 
 A run's driver spends seconds waiting: on Ray's start, and on the trainer (its controller and worker processes
 start, import PyTorch and train). Meanwhile one of two cores is idle. The libraries that the ingest and evaluate
-steps import on first use cost seconds of their own on 2 cores: scikit-learn ~1.3 s (the digits data and the
+steps import on first use cost seconds of their own on 2 cores: scikit-learn ~1.3 s (its tables and its
 metrics), matplotlib ~1 s, and its first figure ~0.2 s more (fonts). Importing them here, in the waits, takes
 those seconds off the whole run; a step that needs a module before the thread is done waits on Python's import
 lock for the one import in progress, never imports it twice. Nothing here changes what a step does: a failed
@@ -19,7 +19,7 @@ from modelworks.config import WorkflowConfig
 
 def ingest_modules(cfg: WorkflowConfig) -> list[str]:
     """What the ingest step imports: loaded while Ray starts."""
-    return ["sklearn.datasets"] if cfg.data.source in ("digits", "sklearn") else []  # the table it ships
+    return ["sklearn.datasets"] if cfg.data.source == "sklearn" else []  # its loaders read the tables it ships
 
 
 def evaluate_modules(cfg: WorkflowConfig) -> list[str]:

@@ -12,7 +12,6 @@ downstream of a cache hit reads exactly what the step made then:
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -37,8 +36,7 @@ def data_files(cfg: WorkflowConfig, data_dir: str | None) -> list[str]:
     """The files the ingest step reads: what its cache key fingerprints."""
     d, root = cfg.data, sources.data_dir(data_dir)
     if d.source in ("digits", "sklearn"):  # shipped inside scikit-learn: its own data files
-        # found, not imported: importing scikit-learn takes ~1.3 s, and the plan runs before Ray starts
-        folder = Path(importlib.util.find_spec("sklearn").submodule_search_locations[0]) / "datasets" / "data"
+        folder = sources.sklearn_data_folder()  # found, not imported: the plan runs before Ray starts
         stem = "digits" if d.source == "digits" else SKLEARN_TABLES.get(d.name, d.name).removeprefix("load_")
         paths = [str(p) for p in sorted(folder.glob(f"{stem}*"))]
     elif d.source == "corpus":
