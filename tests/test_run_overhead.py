@@ -53,6 +53,38 @@ def test_warmup_imports_in_the_background_and_leaves_failures_to_the_step():
     assert seen == {"loaded": [True, True, True]}
 
 
+NICE_PROBE = """
+import json, os, sys, threading
+from pathlib import Path
+from modelworks import warmup
+from modelworks.pipeline.track import StepTracking
+
+def nice():
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+before, seen = nice(), {}
+probe = threading.Thread(target=lambda: (warmup.yield_cpu(), seen.update(warmup=nice())))
+probe.start()
+probe.join()
+track = StepTracking(Path(sys.argv[1]), workflow="w", config={}, tags={}, warn=print)
+seen["mlflow"] = track._pool.submit(nice).result(60)
+track.close("FINISHED")
+print(json.dumps({"main": [before, nice()], **seen}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_background_threads_yield_the_cpu_and_the_main_thread_keeps_its_priority(tmp_path):
+    """The warm-up thread and the MLflow thread run at nice 19 (Ray's workers run at 15); the driver's main
+    thread keeps the process's own. Read from the kernel, per thread."""
+    out = subprocess.run([sys.executable, "-c", NICE_PROBE, str(tmp_path / "run")], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "MODELWORKS_HOME": str(tmp_path), "MODELWORKS_TRACKING": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["main"][0] == seen["main"][1] < 19
+    assert seen["warmup"] == 19 and seen["mlflow"] == 19
+
+
 def test_train_poll_interval_is_set_for_one_fit_and_a_users_choice_wins(monkeypatch):
     monkeypatch.setattr(runtime, "_TRAIN_POLL_FROM_USER", False)
     monkeypatch.delenv(runtime.TRAIN_POLL_ENV, raising=False)

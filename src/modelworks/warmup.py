@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import os
 import threading
 
 from modelworks.config import WorkflowConfig
@@ -40,7 +41,20 @@ def _draw_text() -> None:
     fig.savefig(io.BytesIO(), format="png")
 
 
+def yield_cpu() -> None:
+    """Give the calling thread the lowest CPU priority (nice 19); for the driver's background threads (these
+    imports, MLflow logging). On Linux the nice value belongs to the thread, not the process: the main thread
+    keeps its own. Ray runs its worker processes at nice 15, so a background thread at the driver's nice 0 takes
+    a core from Ray Train's start-up whenever both cores are busy; at 19 it mostly gets what they leave idle
+    (digits joined, 4 alternating runs each: 14.9 s to the summary against 15.7 s). Elsewhere it does nothing."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
 def _load(modules: list[str]) -> None:
+    yield_cpu()
     try:
         for name in modules:
             importlib.import_module(name)

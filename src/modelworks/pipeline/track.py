@@ -15,7 +15,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from modelworks import tracking
+from modelworks import tracking, warmup
 
 
 class StepTracking:
@@ -24,7 +24,7 @@ class StepTracking:
         self.on = tracking.enabled()
         if not self.on:
             return
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow", initializer=warmup.yield_cpu)
         self._tracker = None
         self._submit(self._open, run_dir.name, workflow, config, tags)
 
