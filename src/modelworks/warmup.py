@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import io
 import os
+import sys
 import threading
 
 from modelworks.config import WorkflowConfig
@@ -47,9 +48,11 @@ def yield_cpu() -> None:
     keeps its own. Ray runs its worker processes at nice 15, so a background thread at the driver's nice 0 takes
     a core from Ray Train's start-up whenever both cores are busy; at 19 it mostly gets what they leave idle
     (digits joined, 4 alternating runs each: 14.9 s to the summary against 15.7 s). Elsewhere it does nothing."""
+    if not sys.platform.startswith("linux"):  # elsewhere a thread id is no process id setpriority knows
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
+    except OSError:
         pass
 
 
