@@ -28,6 +28,17 @@ def test_the_ingest_plan_finds_the_digits_file_without_importing_scikit_learn():
     assert data_files(load_workflow("workflows/digits.py"), None) == seen["files"]
 
 
+def test_the_progress_boards_module_imports_ray_but_not_ray_train():
+    """The board actor's process imports the module that defines its class: that module must not pull in Ray
+    Train (pandas and the rest, ~0.8 s of CPU as Train's own processes start)."""
+    from modelworks import progress, progress_board
+
+    assert progress.ProgressBoard is progress_board.ProgressBoard  # the board FollowProgress starts
+    alone = run_python("import json, sys; import modelworks.progress_board; "
+                       "print(json.dumps({'ray': 'ray' in sys.modules, 'ray.train': 'ray.train' in sys.modules}))")
+    assert alone == {"ray": True, "ray.train": False}
+
+
 def test_warmup_names_what_each_step_will_import():
     digits, lm = load_workflow("workflows/digits.py"), load_workflow("workflows/shakespeare.py")
     assert warmup.ingest_modules(digits) == []  # the digits file is read with numpy

@@ -26,21 +26,10 @@ import ray
 import ray.train
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from modelworks.progress_board import ProgressBoard
+
 # Often enough for a progress bar to move smoothly, rarely enough that the calls cost nothing measurable.
 BATCH_EVERY_S = 0.5
-
-
-@ray.remote(num_cpus=0)  # Ray: a tiny actor, no CPU reserved (it only holds a list)
-class ProgressBoard:
-    def __init__(self) -> None:
-        self._events: list[dict] = []
-
-    def push(self, event: dict) -> None:
-        self._events.append(event)
-
-    def take(self) -> list[dict]:
-        events, self._events = self._events, []
-        return events
 
 
 class WorkerProgress:
