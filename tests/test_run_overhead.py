@@ -12,8 +12,10 @@ from modelworks.config import load_workflow
 from modelworks.pipeline.data_steps import data_files
 
 
-def run_python(code: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+def run_python(code: str, *args: str, env: dict | None = None):
+    """Runs ``code`` in a fresh interpreter (what it imports is its own); returns the JSON its last line prints."""
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -88,10 +90,8 @@ print(json.dumps({"main": [before, nice()], **seen}))
 def test_background_threads_yield_the_cpu_and_the_main_thread_keeps_its_priority(tmp_path):
     """The warm-up thread and the MLflow thread run at nice 19 (Ray's workers run at 15); the driver's main
     thread keeps the process's own. Read from the kernel, per thread."""
-    out = subprocess.run([sys.executable, "-c", NICE_PROBE, str(tmp_path / "run")], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "MODELWORKS_HOME": str(tmp_path), "MODELWORKS_TRACKING": "1"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    seen = run_python(NICE_PROBE, str(tmp_path / "run"),
+                      env={**os.environ, "MODELWORKS_HOME": str(tmp_path), "MODELWORKS_TRACKING": "1"})
     assert seen["main"][0] == seen["main"][1] < 19
     assert seen["warmup"] == 19 and seen["mlflow"] == 19
 
@@ -119,6 +119,6 @@ def test_a_poll_interval_set_before_import_counts_as_the_users(user_value):
     env = {k: v for k, v in os.environ.items() if k != runtime.TRAIN_POLL_ENV}
     if user_value:
         env[runtime.TRAIN_POLL_ENV] = user_value
-    out = subprocess.run([sys.executable, "-c", "from modelworks import runtime; print(runtime._TRAIN_POLL_FROM_USER)"],
-                         capture_output=True, text=True, check=True, env=env, timeout=120)
-    assert out.stdout.strip() == str(bool(user_value))
+    seen = run_python("import json; from modelworks import runtime; print(json.dumps(runtime._TRAIN_POLL_FROM_USER))",
+                      env=env)
+    assert seen is bool(user_value)
