@@ -12,6 +12,12 @@ that pins it.
 - ``run_train_fn_here``: ``ray.train.v2._internal.execution.train_fn_utils`` (``LocalTrainFnUtils``,
   ``set_train_fn_utils``): runs a Train loop in this process, as ``ScalingConfig(num_workers=0)`` does, with
   ``ray.train.report`` forwarded to a callback. Ray 2.60. Pinned by tests/test_tune.py (1-worker trials).
+- ``torch_trainer_class``: overrides ``DataParallelTrainer._create_default_callbacks`` (Ray 2.60's Train V2) to
+  leave out two of its callbacks where they buy nothing, each a process started with every run:
+  ``PlacementGroupCleanerCallback`` (``ray.train.v2._internal.callbacks.placement_group_callback``) on a cluster
+  without a dashboard (``ray._private.worker.get_dashboard_url()`` empty), and ``DatasetsCallback``
+  (``ray.train.v2._internal.callbacks.datasets``) when no Ray Dataset is passed. Pinned by
+  tests/test_train_startup.py.
 - ``abortable_torch_trainer``: overrides ``TorchTrainer._initialize_and_run_controller`` (from
   ``ray.train.v2.api.data_parallel_trainer``, with its ``TrainController``, ``get_env_vars_to_propagate`` and
   ``ray._raylet.RAY_NODE_ID_KEY``) to hand the controller actor to its owner, so a Tune trial can abort its
@@ -42,12 +48,18 @@ that pins it.
   those lines of the config Ray wrote (under Ray's ``<config>.lock``), then execs the real HAProxy with Ray's own
   arguments (Ray checks a worker's command line for its config path). Ray 2.60. Pinned by
   tests/test_serve_listeners.py.
+- ``start_train_autoscaling_coordinator``: ``ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator.
+  get_or_create_autoscaling_coordinator``: the detached ``AutoscalingCoordinator`` actor (namespace
+  ``AutoscalingCoordinator``) that Ray Train V2's controller gets or creates, and waits for, before it asks for
+  its workers (its scaling policy's ``after_controller_start``). Ray 2.60. Pinned by
+  tests/test_train_startup.py::test_a_private_ray_starts_the_coordinator_train_waits_for.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import functools
 import socket
 from pathlib import Path
 from typing import Callable
@@ -99,14 +111,41 @@ def run_train_fn_here(experiment: str, datasets: dict, resume_dir: str | None, o
     set_train_fn_utils(utils)
 
 
-def abortable_torch_trainer(owner):
-    """A TorchTrainer class that sets ``owner.controller`` to its controller actor (Train only keeps it on the
-    main thread, for its SIGINT handler), so ``ray.get(owner.controller.abort.remote())`` ends the run."""
+@functools.cache
+def torch_trainer_class():
+    """``TorchTrainer`` without two of the processes Train V2 starts with every run, where they cannot help:
+
+    - the placement-group cleaner: a detached actor that asks Ray's State API once a second whether the
+      controller still lives, to remove the run's placement group if it died. The State API is served by the
+      dashboard; on a cluster without one (modelworks' own Ray; ``ray start --include-dashboard=false``) every
+      question fails, the actor logs a warning and asks again, and never cleans anything. Its start (Ray Train
+      and pandas imported, ~1.3 s of CPU) takes one of the two process-start slots of a 2-core node just as
+      the training worker's process waits for one.
+    - the datasets callback, when the run passes no Ray Dataset (data small enough for the object store): it
+      starts a DatasetManager actor for no dataset, while the workers import torch.
+    Built on first use: ``ray.train.torch`` imports torch."""
     import ray
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            useless = [DatasetsCallback] if not self.datasets else []
+            if not ray._private.worker.get_dashboard_url():
+                useless.append(PlacementGroupCleanerCallback)
+            return [cb for cb in super()._create_default_callbacks() if type(cb) not in useless]
+
+    return Trainer
+
+
+def abortable_torch_trainer(owner):
+    """A ``torch_trainer_class`` that sets ``owner.controller`` to its controller actor (Train only keeps it on
+    the main thread, for its SIGINT handler), so ``ray.get(owner.controller.abort.remote())`` ends the run."""
+    import ray
     from ray.train.v2.api import data_parallel_trainer as dpt
 
-    class _AbortableTorchTrainer(TorchTrainer):
+    class _AbortableTorchTrainer(torch_trainer_class()):
         def _initialize_and_run_controller(self, **controller_init_kwargs):  # mirrors Ray 2.60's own
             env_vars = dpt.get_env_vars_to_propagate()
             env_vars.setdefault(dpt.RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
@@ -264,3 +303,14 @@ def use_haproxy_wrapper(folder: Path) -> Path | None:
         os.replace(tmp, path)
     os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(path)
     return path
+
+
+def start_train_autoscaling_coordinator() -> None:
+    """Start, without waiting for it, the detached actor every Ray Train controller waits for before it asks for
+    its workers: a new process importing Ray Data, ~1.3 s of a run's start-up on 2 cores when the controller
+    starts it. Started as Ray starts, it comes up while the run ingests and builds its trainer; a cluster that
+    has one already (a detached actor outlives the run that started it) keeps it."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator)
+
+    get_or_create_autoscaling_coordinator()

@@ -67,6 +67,8 @@ def ensure_ray(num_cpus: int | None = None) -> str:
     else:
         init_private_ray(num_cpus=num_cpus or os.cpu_count(), logging_level=logging.WARNING)
         how = "Ray local (started for this run)"
+    if not os.environ.get("RAY_ADDRESS"):  # this machine: Train's controller will want it, start it now
+        ray_private.start_train_autoscaling_coordinator()
     ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("MODELWORKS_PROGRESS", "1") == "1"
     return how
 

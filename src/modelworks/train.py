@@ -18,10 +18,10 @@ from pathlib import Path
 
 import ray
 import ray.train
+import ray.train.torch  # prepare_model, get_device
 import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 from torch import nn
 
 from modelworks import checkpoint, ray_private
@@ -34,6 +34,7 @@ from modelworks.errors import UserError
 from modelworks.models import build_model
 from modelworks.progress import EpochRecorded, FollowProgress, WorkerProgress
 from modelworks.runtime import ray_is_local, train_poll_interval
+from modelworks.torch_backend import LazyTorchConfig
 
 # checkpoint_epoch=N (epochs) or checkpoint_step=N (language models, which train by steps)
 CKPT_RE = re.compile(r"^checkpoint_(?:epoch|step)=(\d+)$")
@@ -368,9 +369,10 @@ def run_trainer(loop, loop_config: dict, datasets: dict, cfg: WorkflowConfig, st
         datasets = None
     else:
         datasets = {"train": datasets["train"], "val": datasets["val"]}
-    trainer = TorchTrainer(
+    trainer = ray_private.torch_trainer_class()(
         loop,
         train_loop_config=loop_config,
+        torch_config=LazyTorchConfig(),  # Ray's TorchConfig would make the controller import torch
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker}),

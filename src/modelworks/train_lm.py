@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import ray.train
+import ray.train.torch  # prepare_model, get_device
 import torch
 
 from modelworks import checkpoint, text_steps
