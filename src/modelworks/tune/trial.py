@@ -121,7 +121,6 @@ class ModelworksTrial(tune.Trainable):
 
     def _run_local(self) -> None:
         from modelworks import train
-        from modelworks.torch_backend import LazyTorchConfig
 
         try:
             ray_private.run_train_fn_here(self.trial_id, self.datasets, self.resume_dir, self._on_report)
