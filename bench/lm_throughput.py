@@ -13,9 +13,10 @@ AdamW, lr 1e-3 -> 1e-4) and evaluate every 250 steps on the same 20 fixed valida
 - the whole-validation-text loss of each final model (the evaluate step's figure; 111,539 predictions).
 Targets (issue 11): mw >= 0.9x plain tokens/s, mw <= 1.2x plain time to 1.90, mw's whole run <= 180 s.
 
-Other jobs on a shared machine move a run's speed by +-25 % over minutes. With --repeat 2 (the default) the
-variants run in the order plain, mw, mw, plain, so a drift that slows or speeds the machine over the run
-weighs on both alike; each figure is the median over a variant's runs, and every run is printed too.
+Other jobs on a shared machine move a run's speed by +-25 % over minutes, sometimes in one step. With --repeat 4
+(the default) the variants run in the order plain, mw, mw, plain, plain, mw, mw, plain, so a drift that slows
+or speeds the machine over the run weighs on both alike, and one step of it moves one median less than with
+two runs each; each figure is the median over a variant's runs, and every run is printed too.
 
     .venv/bin/python bench/lm_throughput.py --data-dir ../shared/data            # ~15 minutes on 2 cores
     .venv/bin/python bench/lm_throughput.py --steps 300 --repeat 1              # a quick look
@@ -148,7 +149,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=1.90)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="plain loop's intra-op threads "
                                                                             "(a single local worker gets all cores)")
-    ap.add_argument("--repeat", type=int, default=2, help="runs of each variant, alternating: plain, mw, mw, "
+    ap.add_argument("--repeat", type=int, default=4, help="runs of each variant, alternating: plain, mw, mw, "
                                                                "plain, ...")
     ap.add_argument("--out", default=str(REPO / "bench/results/lm_throughput.json"))
     args = ap.parse_args()
