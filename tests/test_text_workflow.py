@@ -84,8 +84,9 @@ def killed_chain(tmp_path_factory):
             "--set", f"data.path={data / 'train.csv'}", "--set", f"data.val_path={data / 'validation.csv'}",
             "--set", f"data.test_path={data / 'test.csv'}", "--set", "model.d_model=32", "--set", "model.n_layers=1",
             "--set", "model.n_heads=2", "--set", "model.d_ff=64", "--set", "model.max_len=24",
-            "--set", "model.vocab_size=200", "--set", "pretrain.epochs=2", "--set", "train.epochs=3",
-            # batch 2: fine-tune epochs long enough that the kill lands between epoch 1's checkpoint and epoch 3
+            "--set", "model.vocab_size=200", "--set", "pretrain.epochs=2", "--set", "train.epochs=6",
+            # batch 2, 6 epochs: the kill, sent once epoch 1's checkpoint is seen, lands before the last epoch's
+            # even when the test process waits for a core (an epoch here is ~0.5 s)
             "--set", "train.batch_size=2", "--set", "registry.min_accuracy=0"]
     # MODELWORKS_JOIN_RAY=0: the CLI starts a private Ray that goes down with it, never joining a `ray start`
     # cluster someone left running on this (shared) machine.
@@ -115,15 +116,15 @@ def killed_chain(tmp_path_factory):
 def test_sigkill_during_finetune_then_rerun_does_not_redo_pretraining(killed_chain):
     run_dir, pretrained, out = killed_chain["run_dir"], killed_chain["pretrained"], killed_chain["out"]
     assert list(pretrained) == ["checkpoint_epoch=1", "checkpoint_epoch=2"]
-    assert "checkpoint_epoch=3" not in killed_chain["finished_before_rerun"]
+    assert "checkpoint_epoch=6" not in killed_chain["finished_before_rerun"]
     assert killed_chain["returncode"] == 0, out[-3000:]
     assert "mlm epoch" not in out, "pre-training ran again"
     assert re.search(r"pretrain +0\.0 s  cached \(this run\): encoder checkpoint_epoch=2", out), out[-3000:]
-    assert "resuming train from checkpoint_epoch=" in out and "classify epoch 1/3" not in out
+    assert "resuming train from checkpoint_epoch=" in out and "classify epoch 1/6" not in out
     for name, digest in pretrained.items():  # the finished step's checkpoints are untouched
         assert checkpoint.sha256(run_dir / "pretrain" / name / "model.safetensors") == digest
-    history = json.loads((run_dir / "checkpoint_epoch=3" / "metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]
+    history = json.loads((run_dir / "checkpoint_epoch=6" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
     summary = json.loads(killed_chain["stdout"].strip().splitlines()[-1])
     assert summary["run"] == "killed" and summary["model"] == "sst2@1"
 

@@ -245,3 +245,35 @@ def stop_group(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)  # whatever in the group did not exit on SIGTERM
     except ProcessLookupError:
         pass
+
+
+def test_a_process_killed_while_creating_the_store_leaves_none_and_the_next_run_creates_it(modelworks_home):
+    """The store is placed whole: a process killed after MLflow built its tables but before the store was in
+    place leaves no mlflow.db (MLflow's migrations killed half-way left one no run could open), and the next
+    run creates a good one."""
+    db = modelworks_home / "mlflow.db"
+    code = ("import os, signal; from modelworks import tracking; "
+            "os.link = lambda *a: os.kill(os.getpid(), signal.SIGKILL); "  # dies between building and placing
+            f"tracking._client('sqlite:///{db}')")
+    died = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert died.returncode == -signal.SIGKILL, died.stderr.decode()[-2000:]
+    assert not db.exists()
+
+    RunTracker.open(modelworks_home / "runs" / "r", run_name="r", experiment=EXPERIMENT).finish()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    assert len(client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])) == 1
+    assert not (modelworks_home / f"mlflow.db.{os.getpid()}.tmp").exists()  # this process's building file is gone
+
+
+def test_a_store_another_process_placed_first_is_kept(empty_store, modelworks_home):
+    from mlflow.tracking import MlflowClient
+
+    db = modelworks_home / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(empty_store, db)
+    MlflowClient(tracking_uri=f"sqlite:///{db}").create_experiment("placed-first")
+    tracking._create_sqlite_store(db)  # lost the race: keeps the store that is there
+    assert MlflowClient(tracking_uri=f"sqlite:///{db}").get_experiment_by_name("placed-first") is not None
+    assert not list(modelworks_home.glob("mlflow.db.*.tmp"))

@@ -47,10 +47,31 @@ def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
         # Creating the tables logs two INFO lines per new database: noise on the run console.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        if not db.exists():
+            _create_sqlite_store(db)
     return MlflowClient(tracking_uri=uri)
+
+
+def _create_sqlite_store(db: Path) -> None:
+    """A new SQLite store, placed whole. MLflow creates its tables through a chain of schema migrations (~2 s of
+    CPU); a process killed in the middle left a database no later run could open (``table
+    _alembic_tmp_experiments already exists``). So the store is built in a file of its own and hard-linked into
+    place, which fails if another process placed one first: that one is kept."""
+    from mlflow.tracking import MlflowClient
+
+    tmp = db.with_name(f"{db.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments()  # creates the tables
+        os.link(tmp, db)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _experiment_id(client, uri: str, name: str) -> str:
