@@ -1,8 +1,6 @@
 """What keeps a run's fixed cost down, checked without Ray: the libraries warmed in the background, the Train
 controller's poll, and the ingest plan that does not import scikit-learn. bench/overhead.py measures the seconds."""
-import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -10,13 +8,7 @@ import pytest
 from modelworks import runtime, warmup
 from modelworks.config import load_workflow
 from modelworks.pipeline.data_steps import data_files
-
-
-def run_python(code: str, *args: str, env: dict | None = None):
-    """Runs ``code`` in a fresh interpreter (what it imports is its own); returns the JSON its last line prints."""
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+from tests.fresh_python import run_python
 
 
 def test_the_ingest_plan_finds_the_digits_file_without_importing_scikit_learn():

@@ -4,28 +4,35 @@ controller waits for is started with Ray. bench/overhead.py measures the seconds
 import json
 import os
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from modelworks.progress import EpochRecorded
+from modelworks import ray_private
 from modelworks.torch_backend import LazyTorchConfig
+from tests.fresh_python import run_python
 
 
 def test_what_the_controller_unpickles_does_not_import_torch():
     """The controller process unpickles the backend config (inside Train's callbacks) and modelworks' own run
     callback, and instantiates the backend: none of it may import torch."""
-    payload = pickle.dumps((LazyTorchConfig(backend="gloo"), EpochRecorded(board=None)))
-    code = ("import json, pickle, sys; config, callback = pickle.loads(sys.stdin.buffer.read()); "
+    payload = pickle.dumps((LazyTorchConfig(backend="gloo"), EpochRecorded(board=None))).hex()
+    code = ("import json, pickle, sys; config, callback = pickle.loads(bytes.fromhex(sys.argv[1])); "
             "backend = config.backend_cls(); "
             "print(json.dumps({'torch': 'torch' in sys.modules, 'backend': config.backend, "
             "'context': config.train_func_context.__name__, 'shares_gpus': backend.share_cuda_visible_devices}))")
-    out = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, timeout=120)
-    assert out.returncode == 0, out.stderr.decode()[-2000:]
-    seen = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    seen = run_python(code, payload)
     assert seen == {"torch": False, "backend": "gloo", "context": "_CudaDeviceSelected", "shares_gpus": True}
+
+
+def test_modelworks_trainers_use_the_lazy_config_unless_given_one():
+    from ray.train.torch import TorchConfig
+
+    trainer_class = ray_private.torch_trainer_class()
+    assert isinstance(trainer_class(_loop).backend_config, LazyTorchConfig)
+    assert isinstance(trainer_class(_loop, torch_config=TorchConfig()).backend_config, TorchConfig)
 
 
 def _loop(config):
@@ -77,8 +84,6 @@ def test_a_private_ray_starts_the_coordinator_train_waits_for(tmp_path):
             "ray.get_actor('AutoscalingCoordinator', namespace='AutoscalingCoordinator'); "
             "print(json.dumps({'train': 'ray.train' in sys.modules, 'named': sorted((a['namespace'], a['name']) "
             "for a in ray.util.list_named_actors(all_namespaces=True))}))")
-    env = {**os.environ, "MODELWORKS_JOIN_RAY": "0", "MODELWORKS_HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    seen = run_python(code, env={**os.environ, "MODELWORKS_JOIN_RAY": "0", "MODELWORKS_HOME": str(tmp_path)},
+                      timeout=180)
     assert seen == {"train": False, "named": [["AutoscalingCoordinator", "AutoscalingCoordinator"]]}

@@ -56,10 +56,10 @@ that pins it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-import functools
 import socket
 from pathlib import Path
 from typing import Callable
@@ -123,13 +123,19 @@ def torch_trainer_class():
       the training worker's process waits for one.
     - the datasets callback, when the run passes no Ray Dataset (data small enough for the object store): it
       starts a DatasetManager actor for no dataset, while the workers import torch.
-    Built on first use: ``ray.train.torch`` imports torch."""
+    Its ``torch_config`` defaults to ``torch_backend.LazyTorchConfig`` (Ray's TorchConfig would make the
+    controller import torch). Built on first use: ``ray.train.torch`` imports torch."""
     import ray
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
+    from modelworks.torch_backend import LazyTorchConfig
+
     class Trainer(TorchTrainer):
+        def __init__(self, *args, torch_config=None, **kwargs):
+            super().__init__(*args, torch_config=torch_config or LazyTorchConfig(), **kwargs)
+
         def _create_default_callbacks(self):
             useless = [DatasetsCallback] if not self.datasets else []
             if not ray._private.worker.get_dashboard_url():

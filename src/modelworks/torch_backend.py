@@ -14,8 +14,8 @@ one process per CPU share or GPU:
 Only the functions that run in the workers import torch (the workers have it loaded anyway). Ray APIs
 used: ``ray.train.backend.Backend`` / ``BackendConfig`` (DeveloperAPI) and the worker group's
 ``execute`` / ``execute_single`` / ``execute_single_async``, called as Ray's own backends call them.
-Pinned by tests/test_train_startup.py (no torch in a process that unpickles the config; DDP over 2
-workers in tests/test_text_workflow.py and tests/test_train.py).
+Pinned by tests/test_train_startup.py (no torch in a process that unpickles the config or in a real run's
+controller; an all-reduce over 2 workers); DDP runs in tests/test_train_e2e.py and tests/test_text_workflow.py.
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ class _TorchProcessGroup(Backend):
 
 @dataclass
 class LazyTorchConfig(BackendConfig):
-    """``TorchTrainer(..., torch_config=LazyTorchConfig())``: TorchConfig's process group, no torch here."""
+    """TorchConfig's process group, no torch here; ``ray_private.torch_trainer_class`` uses it by default."""
 
     backend: Optional[str] = None  # None: TorchTrainer picks nccl with GPUs, gloo without
     timeout_s: int = 1800

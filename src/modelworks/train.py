@@ -34,7 +34,6 @@ from modelworks.errors import UserError
 from modelworks.models import build_model
 from modelworks.progress import EpochRecorded, FollowProgress, WorkerProgress
 from modelworks.runtime import ray_is_local, train_poll_interval
-from modelworks.torch_backend import LazyTorchConfig
 
 # checkpoint_epoch=N (epochs) or checkpoint_step=N (language models, which train by steps)
 CKPT_RE = re.compile(r"^checkpoint_(?:epoch|step)=(\d+)$")
@@ -372,7 +371,6 @@ def run_trainer(loop, loop_config: dict, datasets: dict, cfg: WorkflowConfig, st
     trainer = ray_private.torch_trainer_class()(
         loop,
         train_loop_config=loop_config,
-        torch_config=LazyTorchConfig(),  # Ray's TorchConfig would make the controller import torch
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker}),

@@ -136,11 +136,10 @@ class ModelworksTrial(tune.Trainable):
         from ray.train import FailureConfig, RunConfig, ScalingConfig
 
         from modelworks import train
-        from modelworks.torch_backend import LazyTorchConfig
 
         try:
             ray_private.abortable_torch_trainer(self)(
-                train.train_loop, train_loop_config=self._loop_config(), torch_config=LazyTorchConfig(),
+                train.train_loop, train_loop_config=self._loop_config(),
                 datasets={"train": self.datasets["train"], "val": self.datasets["val"]},
                 scaling_config=ScalingConfig(num_workers=self.cfg.train.workers, use_gpu=self.cfg.train.use_gpu,
                                              resources_per_worker={"CPU": self.plan.cpus_per_worker}),
