@@ -109,13 +109,12 @@ def bench_plain(cfg: WorkflowConfig, pre: text_data.TextPreprocessor, spec: dict
 
 # ----------------------------------------------------------------------------------------- modelworks
 def bench_modelworks(cfg: WorkflowConfig, pre: text_data.TextPreprocessor, spec: dict, train: pd.DataFrame,
-                     val: pd.DataFrame, storage: Path) -> dict:
+                     val: pd.DataFrame, storage: Path, name: str) -> dict:
     """A real fit_text run on the local Ray; per-epoch rates read back from its last checkpoint."""
     import ray
 
     from modelworks import train_text
 
-    name = f"mw{cfg.train.workers}"
     # As the workflow feeds fit_text: raw rows -> the fitted TextPreprocessor in Ray Data's map_batches.
     datasets = {"train": pre.apply(ray.data.from_pandas(train)), "val": pre.apply(ray.data.from_pandas(val))}
     t0 = time.perf_counter()
@@ -136,7 +135,9 @@ def main() -> None:
     # on 2 CPU cores; every epoch is long enough (625 steps) for a stable rate.
     p.add_argument("--rows", type=int, default=20_000, help="training sentences used (SST-2 has 67,349)")
     p.add_argument("--epochs", type=int, default=3, help="the first is warm-up and left out of the figures")
-    p.add_argument("--workers", default="1,2", help="modelworks worker counts to run")
+    p.add_argument("--workers", default="1,2", help="modelworks worker counts to run (1 always runs)")
+    p.add_argument("--repeat", type=int, default=2, help="runs of the plain loop and of 1 worker, alternating "
+                                                         "(mw1, plain, plain, mw1, ...); medians compared")
     p.add_argument("--plain-threads", default=None, help="intra-op thread counts tried for the plain loop, "
                                                          "best kept (default: 1 and all cores)")
     p.add_argument("--mw-threads", type=int, default=None,
@@ -164,48 +165,69 @@ def main() -> None:
     print(f"SST-2: {len(train)} training sentences, {pre.vocab_size} BPE tokens, batch "
           f"{base.train.batch_size}, {args.epochs} epochs; load average {results['load_avg_at_start']}", flush=True)
 
-    best = None
-    for threads in plain_threads:
+    def run_plain(threads: int) -> dict:
         r = bench_plain(base, pre, spec, train, threads)
         r["tokens_per_s"] = steady(r["rates"])
-        results[f"plain_{threads}_threads"] = r
         print(f"    plain: {r['tokens_per_s']:9.0f} tokens/s   per epoch {[round(x) for x in r['rates']]} "
               f"({threads} thread(s))", flush=True)
-        if best is None or r["tokens_per_s"] > best["tokens_per_s"]:
-            best = r
-    results["plain"] = best
+        return r
 
     # As bench/train_throughput.py: a throwaway MODELWORKS_HOME, no progress bars, and Ray started the way
-    # every modelworks run starts it (workflow.ensure_ray: private local cluster, fast Train polling).
+    # every modelworks run starts it (workflow.ensure_ray: private local cluster, fast Train polling). Ray runs
+    # only during modelworks' runs: an idle Ray beside the plain loop would take CPU from it.
     home = Path(tempfile.mkdtemp(prefix="mw-text-bench-"))
     os.environ.update({"MODELWORKS_HOME": str(home), "MODELWORKS_PROGRESS": "0"})
     import ray
 
-    from modelworks.workflow import ensure_ray
-
-    ensure_ray()
     from modelworks import train as mw_train  # not `train`: that name is the training sentences here
+    from modelworks.workflow import ensure_ray
 
     planned = mw_train.plan_cpus
     if args.mw_threads:  # diagnostic only: the workers' thread count instead of what plan_cpus decides
         mw_train.plan_cpus = lambda w, gpu: dataclasses.replace(planned(w, gpu), threads=args.mw_threads)
-    try:
-        for workers in [int(w) for w in args.workers.split(",")]:
-            r = bench_modelworks(config(args.epochs, workers), pre, spec, train, val, home / "runs")
-            r["tokens_per_s"] = steady(r["rates"])
+
+    def run_modelworks(workers: int, n: int) -> dict:
+        ensure_ray()
+        try:
+            r = bench_modelworks(config(args.epochs, workers), pre, spec, train, val, home / "runs", f"mw{workers}_{n}")
             r["threads_per_worker"] = mw_train.plan_cpus(workers, False).threads
-            results[f"mw{workers}"] = r
-            print(f"      mw{workers}: {r['tokens_per_s']:9.0f} tokens/s   per epoch {[round(x) for x in r['rates']]}"
-                  f"   whole run {r['wall_s']:.1f} s ({r['end_to_end_tokens_per_s']:.0f} tokens/s incl. worker "
-                  f"start, ingest, validation, checkpoints; {r['threads_per_worker']} thread(s) per worker)", flush=True)
+        finally:
+            ray.shutdown()
+        r["tokens_per_s"] = steady(r["rates"])
+        print(f"      mw{workers}: {r['tokens_per_s']:9.0f} tokens/s   per epoch {[round(x) for x in r['rates']]}"
+              f"   whole run {r['wall_s']:.1f} s ({r['end_to_end_tokens_per_s']:.0f} tokens/s incl. worker "
+              f"start, ingest, validation, checkpoints; {r['threads_per_worker']} thread(s) per worker)", flush=True)
+        return r
+
+    try:
+        # 1. The plain loop's thread count: the faster of those tried (one run each, not counted below).
+        probes = {threads: run_plain(threads) for threads in plain_threads}
+        for threads, r in probes.items():
+            results[f"plain_{threads}_threads"] = r
+        best_threads = max(probes, key=lambda t: probes[t]["tokens_per_s"])
+        # 2. modelworks' 1 worker against that loop, alternating (mw1, plain, plain, mw1, ...): the machine's
+        # speed drifts by 25-30 % within minutes, and a fixed order would hand the drift to one side.
+        runs: dict[str, list[dict]] = {"plain": [], "mw1": []}
+        order = [v for i in range(args.repeat) for v in (("mw1", "plain") if i % 2 == 0 else ("plain", "mw1"))]
+        for n, variant in enumerate(order, 1):
+            print(f"[{n}/{len(order)}] {variant}", flush=True)
+            runs[variant].append(run_plain(best_threads) if variant == "plain" else run_modelworks(1, n))
+        for variant, rs in runs.items():
+            results[variant] = {**rs[len(rs) // 2], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                                "runs": [r["tokens_per_s"] for r in rs], "threads": best_threads}
+        results["order"] = order
+        # 3. Other worker counts, once each (DDP on one machine: reported, no target).
+        for workers in [int(w) for w in args.workers.split(",") if int(w) != 1]:
+            results[f"mw{workers}"] = run_modelworks(workers, len(order) + workers)
     finally:
-        ray.shutdown()
         shutil.rmtree(home, ignore_errors=True)
 
     plain = results["plain"]["tokens_per_s"]
     results["ratios"] = {f"{k}_vs_plain": results[k]["tokens_per_s"] / plain for k in results if k.startswith("mw")}
     results["ratios"].update({f"{k}_vs_plain": results[k]["tokens_per_s"] / plain for k in results
-                              if k.startswith("plain_") and results[k] is not results["plain"]})
+                              if k.startswith("plain_") and k != f"plain_{results['plain']['threads']}_threads"})
+    print(f"median of {args.repeat} run(s) each: plain {plain:.0f} tokens/s {[round(r) for r in results['plain']['runs']]}, "
+          f"mw1 {results['mw1']['tokens_per_s']:.0f} {[round(r) for r in results['mw1']['runs']]}")
     results["load_avg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     for k, v in results["ratios"].items():
         print(f"{k:>24}: {v:.2f}x")

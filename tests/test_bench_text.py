@@ -5,6 +5,7 @@ bench/text_throughput.py runs tiny too (plain loop and a real 1-worker Ray Train
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -62,12 +63,64 @@ def test_text_throughput_bench_runs_tiny(tmp_path):
     out = tmp_path / "text_throughput.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench/text_throughput.py"), "--data-dir", str(data),
                            "--rows", "400", "--epochs", "2", "--workers", "1", "--plain-threads", "1",
-                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                           "--repeat", "1", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["rows"] == 400
+    assert result["order"] == ["mw1", "plain"]  # the thread probe's run comes first and is not counted
     for variant in ("plain", "mw1"):
         assert len(result[variant]["rates"]) == 2 and result[variant]["tokens_per_s"] > 0, variant
+        assert len(result[variant]["runs"]) == 1, variant
     assert result["ratios"]["mw1_vs_plain"] > 0
     assert "mw1_vs_plain:" in proc.stdout
+
+
+def test_pretrain_gain_bench_uses_the_sst2_workflows_settings():
+    """bench/pretrain_gain.py restates workflows/sst2.py's settings (it must run where pydantic is not
+    installed): they must not drift apart."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import pretrain_gain
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from modelworks.config import load_workflow
+
+    cfg = load_workflow(REPO / "workflows/sst2.py")
+    assert pretrain_gain.MODEL == {k: getattr(cfg.model, k) for k in pretrain_gain.MODEL}
+    assert pretrain_gain.PRETRAIN == {k: getattr(cfg.pretrain, k) for k in pretrain_gain.PRETRAIN}
+    assert pretrain_gain.FINETUNE == {k: getattr(cfg.train, k) for k in pretrain_gain.FINETUNE}
+    assert cfg.model.d_ff == 4 * cfg.model.d_model  # the bench sizes d_ff as 4 x d_model
+    assert cfg.pretrain.drop_contained and cfg.train.optimizer == "adamw" and cfg.train.lr_schedule == "cosine"
+    assert cfg.train.grad_accum == 1 and cfg.train.label_smoothing == 0.0 and cfg.pretrain.grad_accum == 1
+
+
+def test_pretrain_gain_bench_runs_tiny_without_ray(tmp_path):
+    """Both arms, tiny, on the CPU: a pre-trained and a from-scratch fine-tune of the same seed, paired in
+    the summary; no Ray module loaded (it runs on a GPU machine without Ray)."""
+    data = require_dataset("sst2").parent
+    out = tmp_path / "pretrain_gain.json"
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "bench/pretrain_gain.py"),
+                           "--data-dir", str(data), "--device", "cpu", "--rows", "400", "--seeds", "0",
+                           "--pretrain-epochs", "0,2", "--finetune-epochs", "1", "--d-model", "32", "--layers", "1",
+                           "--heads", "2", "--json", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["data"]["rows"] == {"train": 400, "validation": 872, "test": 1821}
+    assert 0 < result["data"]["corpus_rows"] < 400  # whole sentences only (drop_contained)
+    jobs = {j["pretrain_epochs"]: j for j in result["jobs"]}
+    assert set(jobs) == {0, 2}
+    assert jobs[0]["pretrain_history"] == [] and len(jobs[2]["pretrain_history"]) == 2
+    assert all(math.isfinite(h["val_loss"]) and 0 <= h["val_accuracy"] <= 1 for h in jobs[2]["pretrain_history"])
+    for job in jobs.values():
+        r = job["finetune"]["1"]
+        assert 0.0 < r["val_accuracy"] <= 1.0 and 0.0 < r["test_accuracy"] <= 1.0
+        assert r["val_accuracy"] == r["history"][r["best_epoch"] - 1]["val_accuracy"]
+    gain = next(row for row in result["summary"] if row["pretrain_epochs"] == 2)
+    assert gain["gain_val"] == [jobs[2]["finetune"]["1"]["val_accuracy"] - jobs[0]["finetune"]["1"]["val_accuracy"]]
+    assert "gain val" in proc.stdout
+    # Only the parent's imports are logged (workers are spawned); they load what the workers load.
+    modules = imported_modules(proc.stderr)
+    assert {"torch", "tokenizers", "modelworks.text_steps"} <= modules
+    assert not {m for m in modules if m == "ray" or m.startswith("ray.") or m == "pydantic"}
