@@ -160,6 +160,31 @@ def test_text_checkpoint_round_trip(tmp_path, fitted):
     assert (again.encode(new_texts)[0] == ids).all() and again.classes == fitted.classes
 
 
+def test_many_texts_run_in_length_groups_with_the_same_outputs(tmp_path, fitted):
+    """A server's batch or an evaluation scores texts in groups of similar length (less padding): every
+    text lands in one group, a group is padded to its own longest text only, and the outputs are those of
+    each text scored alone, in the caller's order."""
+    texts = sentences(37, seed=5) + ["short", sentences(1, seed=6)[0] * 3]
+    groups = fitted.to_model_groups(texts, rows=8)
+    positions = np.concatenate([idx for idx, _ in groups])
+    assert sorted(positions.tolist()) == list(range(len(texts)))
+    assert [len(idx) for idx, _ in groups] == [8, 8, 8, 8, 7]
+    _, lengths = fitted.encode(texts)
+    for idx, ids in groups:
+        assert ids.shape == (len(idx), lengths[idx].max())  # padded to the group's longest, not the batch's
+    longest = [int(lengths[idx].max()) for idx, _ in groups]
+    assert longest == sorted(longest) and longest[0] < longest[-1]
+
+    model, path = tiny_text_checkpoint(tmp_path, fitted)
+    loaded = checkpoint.load(path)
+    with torch.no_grad():
+        alone = torch.cat([torch.softmax(model(fitted.to_model_input([t])), dim=1) for t in texts])
+        padded_together = torch.softmax(model(fitted.to_model_input(texts)), dim=1)
+    torch.testing.assert_close(loaded.predict_proba(texts), alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loaded.predict_proba(texts), padded_together, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loaded.predict_proba(texts[:1]), alone[:1])
+
+
 def test_modified_tokenizer_is_refused(tmp_path, fitted):
     _, path = tiny_text_checkpoint(tmp_path, fitted)
     tok = path / TOKENIZER_FILE

@@ -116,15 +116,26 @@ class LoadedModel:
         return self.spec.get("task", "classification")
 
     @torch.no_grad()
-    def predict_proba(self, x_raw) -> torch.Tensor:
-        """Class probabilities for raw inputs (images as arrays, texts, or table rows), through the saved
-        preprocessor."""
-        return torch.softmax(self.model(self.preprocessor.to_model_input(x_raw)), dim=1)
+    def forward(self, x_raw) -> torch.Tensor:
+        """The model's output for raw inputs (images as arrays, texts, or table rows), through the saved
+        preprocessor. Texts run in groups of similar length (TextPreprocessor.to_model_groups): the model's
+        output for a text does not depend on the padding around it, only the work does."""
+        groups = getattr(self.preprocessor, "to_model_groups", None)
+        if groups is None or len(x_raw) <= 1:  # one text has no padding to save
+            return self.model(self.preprocessor.to_model_input(x_raw))
+        parts = [(idx, self.model(ids)) for idx, ids in groups(x_raw)]
+        out = torch.empty((len(x_raw), *parts[0][1].shape[1:]), dtype=parts[0][1].dtype)
+        for idx, part in parts:
+            out[torch.from_numpy(idx)] = part
+        return out
 
-    @torch.no_grad()
+    def predict_proba(self, x_raw) -> torch.Tensor:
+        """Class probabilities for raw inputs."""
+        return torch.softmax(self.forward(x_raw), dim=1)
+
     def predict_values(self, x_raw) -> torch.Tensor:
         """Regression: (N,) predictions in the label's units."""
-        return self.preprocessor.to_label_units(self.model(self.preprocessor.to_model_input(x_raw)))
+        return self.preprocessor.to_label_units(self.forward(x_raw))
 
     def predict_outputs(self, x_raw) -> torch.Tensor:
         """What a server answers with: class probabilities (N, C), or for regression the values (N, 1)."""
