@@ -123,26 +123,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_batch(ids: np.ndarray, lengths: np.ndarray, y: np.ndarray, idx: np.ndarray, task: str,
-               vocab_size: int, gen: torch.Generator, device: torch.device) -> dict:
-    """As train_text.make_batch: cut to the batch's longest row, mask on the CPU, then move."""
-    batch_ids = torch.from_numpy(text_data.trim(ids[idx], lengths[idx])).long()
-    if task == "mlm":
-        batch_ids, labels = text_data.mask_tokens(batch_ids, vocab_size, gen, MASK_PROB)
-        return {"ids": batch_ids.to(device, non_blocking=True), "labels": labels.to(device, non_blocking=True)}
-    return {"ids": batch_ids.to(device, non_blocking=True),
-            "y": torch.from_numpy(y[idx]).long().to(device, non_blocking=True)}
-
-
-def evaluate(model, ids, lengths, y, task, vocab_size, batch_size, device) -> dict:
+def evaluate(model, rows: dict, task: str, vocab_size: int, batch_size: int, device) -> dict:
     """Held-out mean loss and accuracy (masked-token accuracy for the MLM), with fixed masks."""
-    total = {"loss_sum": 0.0, "correct": 0, "count": 0}
-    order = np.argsort(lengths, kind="stable")  # similar lengths together: little padding
-    for i in range(0, len(order), batch_size):
-        gen = torch.Generator().manual_seed(1000 + i)  # the same corruption before and after training
-        batch = make_batch(ids, lengths, y, order[i:i + batch_size], task, vocab_size, gen, device)
-        for k, v in text_steps.eval_step(model, batch, device).items():
-            total[k] += v
+    total = text_steps.evaluate_rows(model, rows, task, vocab_size, MASK_PROB, device, batch_size)
     return {"loss": total["loss_sum"] / max(total["count"], 1), "accuracy": total["correct"] / max(total["count"], 1)}
 
 
@@ -151,9 +134,8 @@ def window_mean(values: list[float]) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- train
-def run_task(task: str, args, pre: text_data.TextPreprocessor, train: tuple, held_out: tuple,
+def run_task(task: str, args, pre: text_data.TextPreprocessor, train: dict, held_out: dict,
              device: torch.device) -> dict:
-    ids, lengths, y = train
     spec = {"name": "transformer", "head": task, "vocab_size": pre.vocab_size, "max_len": pre.max_len,
             "d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads,
             "d_ff": args.d_ff or 4 * args.d_model, "dropout": args.dropout, "pad_id": text_data.PAD_ID,
@@ -168,7 +150,7 @@ def run_task(task: str, args, pre: text_data.TextPreprocessor, train: tuple, hel
         optimizer, lambda s: text_steps.warmup_cosine(s, warmup, args.steps))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    before = evaluate(model, *held_out, task, pre.vocab_size, args.batch_size, device)
+    before = evaluate(model, held_out, task, pre.vocab_size, args.batch_size, device)
     print(f"\n== {task}: {params / 1e6:.2f} M parameters, {args.steps} steps of batch {args.batch_size}; "
           f"held-out loss before {before['loss']:.4f}, accuracy {before['accuracy']:.4f}", flush=True)
 
@@ -179,10 +161,10 @@ def run_task(task: str, args, pre: text_data.TextPreprocessor, train: tuple, hel
     t_start = t_window = time.perf_counter()
     for step in range(1, args.steps + 1):
         if not batches:  # a new epoch of length-bucketed batches
-            batches = text_data.length_bucketed_batches(lengths, args.batch_size, gen)
+            batches = text_data.length_bucketed_batches(train["length"], args.batch_size, gen)
             if not batches:
-                raise SystemExit(f"fewer training rows ({len(lengths)}) than one batch ({args.batch_size})")
-        batch = make_batch(ids, lengths, y, batches.pop(), task, pre.vocab_size, gen, device)
+                raise SystemExit(f"fewer training rows ({len(train['length'])}) than one batch ({args.batch_size})")
+        batch = text_steps.make_batch(train, batches.pop(), task, pre.vocab_size, MASK_PROB, gen, device)
         out = text_steps.train_step(model, optimizer, [batch], scheduler=scheduler, max_grad_norm=1.0,
                                     device=device)
         if not math.isfinite(out["loss"]):
@@ -203,7 +185,7 @@ def run_task(task: str, args, pre: text_data.TextPreprocessor, train: tuple, hel
                   f"{rate:10.0f} tokens/s", flush=True)
             window_tokens, t_window = 0, now
     wall = time.perf_counter() - t_start
-    after = evaluate(model, *held_out, task, pre.vocab_size, args.batch_size, device)
+    after = evaluate(model, held_out, task, pre.vocab_size, args.batch_size, device)
     window = max(1, min(args.window, args.steps // 4))
     first, last = window_mean(losses[:window]), window_mean(losses[-window:])
     result = {
@@ -266,7 +248,7 @@ def main() -> int:
     order = np.random.default_rng(args.random_seed).permutation(len(texts))
     n_held = min(MAX_HELD_OUT, max(1, int(HELD_OUT_FRACTION * len(texts))))
     held, kept = order[:n_held], order[n_held:]
-    train, held_out = (ids[kept], lengths[kept], y[kept]), (ids[held], lengths[held], y[held])
+    train, held_out = ({"ids": ids[rows], "length": lengths[rows], "y": y[rows]} for rows in (kept, held))
 
     env = {"device": str(device), "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
            "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),

@@ -51,8 +51,6 @@ PRETRAIN = {"epochs": 40, "batch_size": 32, "lr": 7e-4, "min_lr": 0.0, "warmup_r
             "beta2": 0.98, "grad_clip": 1.0, "mask_prob": 0.15, "dropout": 0.1}
 FINETUNE = {"epochs": 3, "batch_size": 32, "lr": 2e-4, "min_lr": 0.0, "warmup_ratio": 0.1, "weight_decay": 0.01,
             "beta2": 0.999, "grad_clip": 1.0}
-EVAL_BATCH = 256
-VAL_MASK_SEED = 12345  # train_text's: the same masks for every epoch's masked-LM validation loss
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -89,23 +87,9 @@ def load_rows(folder: Path, split: str, labelled: bool = True) -> dict[str, np.n
     return content_order(rows)
 
 
-# ----------------------------------------------------------------------------------------------- steps
-def make_batch(rows, idx, task, vocab_size, mask_prob, generator, device) -> dict:
-    ids = torch.from_numpy(text_data.trim(rows["ids"][idx], rows["length"][idx])).long()
-    if task == "mlm":
-        ids, labels = text_data.mask_tokens(ids, vocab_size, generator, mask_prob)
-        return {"ids": ids.to(device), "labels": labels.to(device)}
-    return {"ids": ids.to(device), "y": torch.from_numpy(rows["y"][idx]).long().to(device)}
-
-
-def evaluate(model, rows, task, vocab_size, mask_prob, device) -> dict:
-    total = {"loss_sum": 0.0, "correct": 0, "count": 0}
-    order = np.argsort(rows["length"], kind="stable")
-    for i in range(0, len(order), EVAL_BATCH):
-        gen = torch.Generator().manual_seed(VAL_MASK_SEED + i)
-        batch = make_batch(rows, order[i:i + EVAL_BATCH], task, vocab_size, mask_prob, gen, device)
-        for k, v in text_steps.eval_step(model, batch, device).items():
-            total[k] += v
+# ----------------------------------------------------------------------------------------------- train
+def evaluate(model, rows, task, vocab_size, device) -> dict:
+    total = text_steps.evaluate_rows(model, rows, task, vocab_size, PRETRAIN["mask_prob"], device)
     return {"loss": total["loss_sum"] / max(total["count"], 1), "accuracy": total["correct"] / max(total["count"], 1)}
 
 
@@ -125,13 +109,13 @@ def fit(model, task, rows, hp, epochs, random_seed, vocab_size, device, evaluate
         gen = torch.Generator().manual_seed(random_seed * 100_003 + epoch * 1009)  # rank 0's
         t0, loss_sum, targets = time.perf_counter(), 0.0, 0
         for idx in text_data.length_bucketed_batches(rows["length"], hp["batch_size"], gen)[:steps]:
-            batch = make_batch(rows, idx, task, vocab_size, mask_prob, gen, device)
+            batch = text_steps.make_batch(rows, idx, task, vocab_size, mask_prob, gen, device)
             out = text_steps.train_step(model, optimizer, [batch], scheduler=scheduler, max_grad_norm=hp["grad_clip"],
                                         device=device)
             loss_sum, targets = loss_sum + out["loss"] * out["targets"], targets + out["targets"]
         metrics = {"epoch": epoch, "train_loss": loss_sum / max(targets, 1), "train_s": time.perf_counter() - t0}
         for split, split_rows in evaluate_on.items():
-            m = evaluate(model, split_rows, task, vocab_size, mask_prob, device)
+            m = evaluate(model, split_rows, task, vocab_size, device)
             metrics.update({f"{split}_loss": m["loss"], f"{split}_accuracy": m["accuracy"]})
         history.append(metrics)
     return history

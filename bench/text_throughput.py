@@ -8,7 +8,7 @@ All variants train workflows/sst2.py's classifier (d_model 128, 4 layers, 4 head
 BPE 8,000; AdamW, global batch 32, its lr schedule) on the same SST-2 training sentences (the first
 --rows of train.csv.gz) with the same fitted tokenizer, for --epochs epochs. The plain loop is
 text_train_loop's epoch minus Ray: the same model spec, seed, optimizer, batch order (the same generator
-seeds as rank 0) and train_text.make_batch. As in bench/train_throughput.py the plain figure is the better
+seeds as rank 0) and text_steps.make_batch. As in bench/train_throughput.py the plain figure is the better
 of 1 intra-op thread and the count a single local worker is given (all cores): on a CPU shared with other
 jobs, two threads that spin-wait on each other can be many times slower than one.
 
@@ -74,8 +74,6 @@ def steady(rates: list[float]) -> float:
 def bench_plain(cfg: WorkflowConfig, pre: text_data.TextPreprocessor, spec: dict, train: pd.DataFrame,
                 threads: int) -> dict:
     """text_train_loop's epochs for one rank with the Ray calls taken out; returns per-epoch tokens/s."""
-    from modelworks.train_text import make_batch  # the loop's own batch builder (trim, labels, .to(device))
-
     hp, device = cfg.train, torch.device("cpu")
     torch.set_num_threads(threads)
     ids, lengths = pre.encode(train["text"].tolist())
@@ -95,7 +93,7 @@ def bench_plain(cfg: WorkflowConfig, pre: text_data.TextPreprocessor, spec: dict
         batches = text_data.length_bucketed_batches(lengths, hp.batch_size, gen)[:steps]
         t0, tokens, loss_sum, targets = time.perf_counter(), 0, 0.0, 0
         for idx in batches:
-            batch = make_batch(rows, idx, "classify", pre.vocab_size, 0.0, gen, device)
+            batch = text_steps.make_batch(rows, idx, "classify", pre.vocab_size, 0.0, gen, device)
             out = text_steps.train_step(model, optimizer, [batch], scheduler=scheduler, max_grad_norm=hp.grad_clip,
                                         label_smoothing=hp.label_smoothing, device=device)
             tokens += out["tokens"]

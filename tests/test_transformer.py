@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -21,7 +23,7 @@ from modelworks.models.generation import BatchedGenerator, generate, sample
 from modelworks.models.kv_cache import DecodeStep
 from modelworks.models.transformer import (IGNORE_INDEX, CausalLM, Encoder, MaskedLM, MultiHeadSelfAttention,
                                            SequenceClassifier)
-from modelworks.text_steps import eval_step, param_groups, train_step, warmup_cosine
+from modelworks.text_steps import evaluate_rows, eval_step, make_batch, param_groups, train_step, warmup_cosine
 
 VOCAB = 40
 
@@ -287,6 +289,32 @@ def test_train_step_learns_a_tiny_task():
     result = eval_step(model, data)
     assert result["count"] == 64 and result["correct"] >= 56
     assert result["loss_sum"] / 64 < 0.5 * losses[0]
+
+
+def test_make_batch_and_evaluate_rows_on_in_memory_rows():
+    """The batch a training loop builds from padded rows: cut to its own longest row, labels for the classifier,
+    masked-LM targets only where tokens were picked; evaluation sums over every row with the same masks each time."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 12, size=40).astype(np.int32)
+    ids = np.zeros((40, 16), np.int32)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(len(SPECIAL_TOKENS), 50, size=n)
+    rows = {"ids": ids, "length": lengths, "y": rng.integers(0, 2, size=40)}
+    idx = np.array([0, 5, 7])
+    cpu = torch.device("cpu")
+    batch = make_batch(rows, idx, "classify", 50, 0.15, torch.Generator().manual_seed(0), cpu)
+    assert batch["ids"].shape == (3, lengths[idx].max()) and batch["y"].tolist() == rows["y"][idx].tolist()
+    mlm = make_batch(rows, idx, "mlm", 50, 0.5, torch.Generator().manual_seed(0), cpu)
+    picked = mlm["labels"] != IGNORE_INDEX
+    assert picked.any() and (mlm["labels"][picked] == batch["ids"][picked]).all()
+    assert (mlm["ids"][~picked] == batch["ids"][~picked]).all()
+
+    torch.manual_seed(0)
+    model = build_model({"name": "transformer", "head": "mlm", "vocab_size": 50, "max_len": 16, "d_model": 16,
+                         "n_layers": 1, "n_heads": 2, "d_ff": 32, "dropout": 0.0, "pad_id": PAD_ID})
+    first = evaluate_rows(model, rows, "mlm", 50, 0.15, cpu, batch_size=16)
+    assert first == evaluate_rows(model, rows, "mlm", 50, 0.15, cpu, batch_size=16)  # fixed masks
+    assert 0 < first["count"] < lengths.sum() and math.isfinite(first["loss_sum"])
 
 
 def test_gradient_accumulation_equals_one_big_batch():

@@ -6,7 +6,10 @@ directly and run as they are on a GPU machine (bench/gpu_check.py).
 - ``train_step``: one optimizer step over one or more micro-batches (gradient accumulation), with
   gradient clipping and bf16 autocast on CUDA (fp32 on CPU, where bf16 matmuls are slower).
 - ``eval_step``: loss sum, correct count and count for one batch, without gradients.
+- ``make_batch``: a batch from in-memory rows (ids cut to the batch's longest row; masked for the masked LM).
+- ``evaluate_rows``: summed ``eval_step`` over all rows, in length-sorted batches with fixed masks.
 
+Rows are ``{"ids": int32 (N, max_len) right-padded, "length": (N,)[, "y": (N,)]}`` (data.text's layout).
 A batch is ``{"ids": LongTensor (B, T)}`` plus ``"y"`` (classification, (B,)) or ``"labels"`` (masked
 LM, (B, T) with IGNORE_INDEX at unmasked positions).
 """
@@ -15,11 +18,12 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelworks.data.text import PAD_ID
+from modelworks.data.text import PAD_ID, mask_tokens, trim
 from modelworks.models.transformer import IGNORE_INDEX
 
 
@@ -97,3 +101,34 @@ def eval_step(model: nn.Module, batch: dict, device: torch.device = torch.device
     with autocast(device):
         loss, pred, targets = loss_of(model, batch)
     return {"loss_sum": float(loss) * len(targets), "correct": int((pred == targets).sum()), "count": len(targets)}
+
+
+# Rows per evaluation batch: sorted by length, so a batch holds little padding.
+EVAL_BATCH = 256
+# Masks for the masked LM's validation batches come from fixed seeds, so the validation loss of different
+# epochs is measured on the same corruption and the curve compares like with like.
+VAL_MASK_SEED = 12345
+
+
+def make_batch(rows: dict[str, np.ndarray], idx: np.ndarray, task: str, vocab_size: int, mask_prob: float,
+               generator: torch.Generator, device: torch.device) -> dict:
+    """Rows ``idx`` as a batch on ``device``: ids cut to the batch's longest row; for ``task="mlm"`` corrupted
+    on the CPU (data.text.mask_tokens) with ``labels``, else with the class labels ``y``."""
+    ids = torch.from_numpy(trim(rows["ids"][idx], rows["length"][idx])).long()
+    if task == "mlm":
+        ids, labels = mask_tokens(ids, vocab_size, generator, mask_prob)
+        return {"ids": ids.to(device), "labels": labels.to(device)}
+    return {"ids": ids.to(device), "y": torch.from_numpy(rows["y"][idx]).long().to(device)}
+
+
+def evaluate_rows(model: nn.Module, rows: dict[str, np.ndarray], task: str, vocab_size: int, mask_prob: float,
+                  device: torch.device = torch.device("cpu"), batch_size: int = EVAL_BATCH) -> dict:
+    """Summed loss, correct and count over all rows (sums: ranks add them up)."""
+    total = {"loss_sum": 0.0, "correct": 0, "count": 0}
+    order = np.argsort(rows["length"], kind="stable")
+    for i in range(0, len(order), batch_size):
+        gen = torch.Generator().manual_seed(VAL_MASK_SEED + i)
+        batch = make_batch(rows, order[i:i + batch_size], task, vocab_size, mask_prob, gen, device)
+        for k, v in eval_step(model, batch, device).items():
+            total[k] += v
+    return total

@@ -26,16 +26,12 @@ from modelworks import checkpoint, text_steps
 from modelworks.config import WorkflowConfig
 from modelworks.console import Console, epoch_line
 from modelworks.data import preprocess
-from modelworks.data.text import TextPreprocessor, length_bucketed_batches, mask_tokens, trim
+from modelworks.data.text import TextPreprocessor, length_bucketed_batches
 from modelworks.models import build_model
 from modelworks.progress import FollowProgress, WorkerProgress
 from modelworks.train import all_reduce, report_epoch, resume_epoch, run_trainer
 
 TASKS = ("mlm", "classify")
-_EVAL_BATCH = 256
-# Masks for validation batches come from fixed seeds, so the masked-LM validation loss of different
-# epochs is measured on the same corruption and the curve compares like with like.
-_VAL_MASK_SEED = 12345
 
 
 def text_model_spec(cfg: WorkflowConfig, pre: TextPreprocessor, task: str) -> dict:
@@ -62,28 +58,6 @@ def _collect(shard) -> dict[str, np.ndarray]:
     keys = ([rows["y"]] if "y" in rows else []) + [rows["ids"][:, j] for j in reversed(range(rows["ids"].shape[1]))]
     order = np.lexsort(keys)
     return {k: v[order] for k, v in rows.items()}
-
-
-def make_batch(rows: dict[str, np.ndarray], idx: np.ndarray, task: str, vocab_size: int, mask_prob: float,
-               generator: torch.Generator, device: torch.device) -> dict:
-    ids = torch.from_numpy(trim(rows["ids"][idx], rows["length"][idx])).long()
-    if task == "mlm":
-        ids, labels = mask_tokens(ids, vocab_size, generator, mask_prob)
-        return {"ids": ids.to(device), "labels": labels.to(device)}
-    return {"ids": ids.to(device), "y": torch.from_numpy(rows["y"][idx]).long().to(device)}
-
-
-def evaluate_rows(model, rows: dict[str, np.ndarray], task: str, vocab_size: int, mask_prob: float,
-                  device: torch.device) -> dict:
-    """Summed loss/correct/count over all rows (batches sorted by length: little padding)."""
-    total = {"loss_sum": 0.0, "correct": 0, "count": 0}
-    order = np.argsort(rows["length"], kind="stable")
-    for i in range(0, len(order), _EVAL_BATCH):
-        gen = torch.Generator().manual_seed(_VAL_MASK_SEED + i)
-        batch = make_batch(rows, order[i:i + _EVAL_BATCH], task, vocab_size, mask_prob, gen, device)
-        for k, v in text_steps.eval_step(model, batch, device).items():
-            total[k] += v
-    return total
 
 
 def text_train_loop(loop_cfg: dict) -> None:
@@ -153,7 +127,7 @@ def text_train_loop(loop_cfg: dict) -> None:
         t0 = time.perf_counter()
         loss_sum = targets = tokens = 0.0
         for i in range(0, len(batches), accum):
-            micro = [make_batch(train_rows, idx, task, pre.vocab_size, mask_prob, gen, device)
+            micro = [text_steps.make_batch(train_rows, idx, task, pre.vocab_size, mask_prob, gen, device)
                      for idx in batches[i:i + accum]]
             out = text_steps.train_step(model, optimizer, micro, scheduler=scheduler, max_grad_norm=hp.grad_clip,
                                         label_smoothing=getattr(hp, "label_smoothing", 0.0), device=device)
@@ -162,7 +136,7 @@ def text_train_loop(loop_cfg: dict) -> None:
             tokens += out["tokens"]
             progress.batch(epoch, i // accum + 1, tokens * world / (time.perf_counter() - t0), loss_sum / max(targets, 1))
         train_time = time.perf_counter() - t0
-        val = evaluate_rows(model, val_rows, task, pre.vocab_size, mask_prob, device)
+        val = text_steps.evaluate_rows(model, val_rows, task, pre.vocab_size, mask_prob, device)
         loss_sum, targets, tokens, v_loss, v_correct, v_count = all_reduce(
             [loss_sum, targets, tokens, val["loss_sum"], val["correct"], val["count"]])
         metrics = {
