@@ -18,8 +18,14 @@ the first (warm-up: first-touch allocation, DDP's first buckets). For modelworks
 the last checkpoint's metrics.json history; its whole-run wall time (workers start, ingest, preprocessing,
 validation, checkpoints) is reported as well.
 
-    .venv/bin/python bench/text_throughput.py --data-dir ../shared/data              # 20,000 rows x 3 epochs
+    .venv/bin/python bench/text_throughput.py --data-dir ../shared/data              # 20,000 rows x 3 epochs, x2
     .venv/bin/python bench/text_throughput.py --rows 3000 --epochs 3                 # a quick look
+
+The plain loop's thread count is probed first (one run per count, not counted). Then the plain loop and
+modelworks with 1 worker run --repeat times each, alternating (mw1, plain, plain, mw1, ...), and their
+medians are compared: this machine's speed drifts by 25-30 % within minutes, and a fixed order hands the drift
+to one side. Ray is started for each modelworks run and shut down after it, so the plain loop never shares the
+CPUs with an idle Ray. Other worker counts run once each at the end.
 
 On a machine shared with other jobs the figures are noisy: compare ratios from the same run only.
 """
