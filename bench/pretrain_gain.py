@@ -54,13 +54,6 @@ FINETUNE = {"epochs": 3, "batch_size": 32, "lr": 2e-4, "min_lr": 0.0, "warmup_ra
 
 
 # ------------------------------------------------------------------------------------------------ data
-def content_order(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rows sorted by (label, ids), as a Ray Train worker sorts its shard: the seeded batches then match."""
-    keys = ([rows["y"]] if "y" in rows else []) + [rows["ids"][:, j] for j in reversed(range(rows["ids"].shape[1]))]
-    order = np.lexsort(keys)
-    return {k: v[order] for k, v in rows.items()}
-
-
 def prepare(args, folder: Path) -> dict:
     """Read SST-2, fit the tokenizer on the training split, encode every split once; arrays go to
     ``folder`` (the worker processes load them) and a summary comes back."""
@@ -84,7 +77,7 @@ def load_rows(folder: Path, split: str, labelled: bool = True) -> dict[str, np.n
         rows = {"ids": z[f"{split}_ids"], "length": z[f"{split}_length"]}
         if labelled:
             rows["y"] = z[f"{split}_y"]
-    return content_order(rows)
+    return text_data.content_order(rows)  # as a Ray Train worker orders its shard: the seeded batches match
 
 
 # ----------------------------------------------------------------------------------------------- train

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from modelworks.progress import EpochRecorded
 from modelworks import ray_private
+from modelworks.progress import EpochRecorded
 from modelworks.torch_backend import LazyTorchConfig
 from tests.fresh_python import run_python
 

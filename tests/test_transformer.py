@@ -12,7 +12,6 @@ import copy
 import math
 
 import numpy as np
-
 import pytest
 import torch
 from torch import nn

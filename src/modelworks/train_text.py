@@ -26,7 +26,7 @@ from modelworks import checkpoint, text_steps
 from modelworks.config import WorkflowConfig
 from modelworks.console import Console, epoch_line
 from modelworks.data import preprocess
-from modelworks.data.text import TextPreprocessor, length_bucketed_batches
+from modelworks.data.text import TextPreprocessor, content_order, length_bucketed_batches
 from modelworks.models import build_model
 from modelworks.progress import FollowProgress, WorkerProgress
 from modelworks.train import all_reduce, report_epoch, resume_epoch, run_trainer
@@ -51,13 +51,7 @@ def _collect(shard) -> dict[str, np.ndarray]:
             parts.setdefault(k, []).append(v)
     if not parts:
         return {"ids": np.zeros((0, 1), np.int32), "length": np.zeros(0, np.int32)}
-    rows = {k: np.concatenate(v) for k, v in parts.items()}
-    # Ray Data hands blocks over in the order they finish, and each epoch's shuffle permutes row positions:
-    # in content order, the same rows make the same batches in every run (rows equal in ids and label are
-    # interchangeable). np.lexsort's last key is the primary one.
-    keys = ([rows["y"]] if "y" in rows else []) + [rows["ids"][:, j] for j in reversed(range(rows["ids"].shape[1]))]
-    order = np.lexsort(keys)
-    return {k: v[order] for k, v in rows.items()}
+    return content_order({k: np.concatenate(v) for k, v in parts.items()})  # the same batches in every run
 
 
 def text_train_loop(loop_cfg: dict) -> None:

@@ -190,6 +190,16 @@ def trim(ids: np.ndarray, lengths: np.ndarray):
     return ids[:, : max(int(lengths.max()), 1)] if len(lengths) else ids[:, :1]
 
 
+def content_order(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows ({ids, length[, y]}) sorted by (label, ids). Ray Data hands a worker its blocks in the order they
+    finish, and each epoch's shuffle permutes row positions: in content order, the same rows make the same
+    batches in every run (rows equal in ids and label are interchangeable). np.lexsort's last key is the
+    primary one."""
+    keys = ([rows["y"]] if "y" in rows else []) + [rows["ids"][:, j] for j in reversed(range(rows["ids"].shape[1]))]
+    order = np.lexsort(keys)
+    return {k: v[order] for k, v in rows.items()}
+
+
 def length_bucketed_batches(lengths: np.ndarray, batch_size: int, generator: torch.Generator,
                             bucket_batches: int = 50) -> list[np.ndarray]:
     """Shuffled batches of row indices in which rows of similar length sit together, so per-batch padding
