@@ -15,7 +15,8 @@ from tokenizers import Tokenizer
 from modelworks import checkpoint
 from modelworks.config import DataConfig, validate
 from modelworks.data.text_files import _read_text_rows
-from modelworks.data.text import (CLS_ID, PAD_ID, SEP_ID, TOKENIZER_FILE, TextPreprocessor, drop_contained, fit,
+from modelworks.data.text import (CLS_ID, PAD_ID, SEP_ID, TOKENIZER_FILE, TextPreprocessor, content_order,
+                                  drop_contained, fit,
                                   fit_tokenizer, label_map, length_bucketed_batches, trim)
 from modelworks.errors import CheckpointError, DataError, UserError
 from modelworks.models import build_model
@@ -295,3 +296,18 @@ def test_pretrain_needs_the_transformer():
         validate({"name": "t", "steps": ["pretrain", "train"]})
     cfg = validate({**TEXT, "steps": ["pretrain", "train", "evaluate", "register"]})
     assert cfg.steps == ["pretrain", "train", "evaluate", "register"]
+
+
+def test_content_order_is_the_same_whatever_order_the_rows_arrive_in():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, 7, size=(40, 5)).astype(np.int32)  # few token values: rows share prefixes
+    ids[:, -1] = rng.permutation(40) + 4  # but no two rows are equal, so each row's length is its own
+    rows = {"ids": ids, "length": rng.integers(1, 6, size=40), "y": rng.integers(0, 2, size=40)}
+    ordered = content_order(rows)
+    keys = [(tuple(r), int(y)) for y, r in zip(ordered["y"], ordered["ids"])]
+    assert keys == sorted(keys)  # by ids left to right, then label
+    length_of = {tuple(r): int(n) for r, n in zip(rows["ids"], rows["length"])}
+    assert [length_of[tuple(r)] for r in ordered["ids"]] == ordered["length"].tolist()  # arrays permuted alike
+    perm = rng.permutation(40)
+    again = content_order({k: v[perm] for k, v in rows.items()})
+    assert all(np.array_equal(again[k], ordered[k]) for k in ordered)

@@ -191,10 +191,10 @@ def trim(ids: np.ndarray, lengths: np.ndarray):
 
 
 def content_order(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rows ({ids, length[, y]}) sorted by (label, ids). Ray Data hands a worker its blocks in the order they
-    finish, and each epoch's shuffle permutes row positions: in content order, the same rows make the same
-    batches in every run (rows equal in ids and label are interchangeable). np.lexsort's last key is the
-    primary one."""
+    """Rows ({ids, length[, y]}) sorted by their ids left to right, then by label. Ray Data hands a worker its
+    blocks in the order they finish, and each epoch's shuffle permutes row positions: in content order, the same
+    rows make the same batches in every run (rows equal in ids and label are interchangeable). np.lexsort's
+    last key is the primary one."""
     keys = ([rows["y"]] if "y" in rows else []) + [rows["ids"][:, j] for j in reversed(range(rows["ids"].shape[1]))]
     order = np.lexsort(keys)
     return {k: v[order] for k, v in rows.items()}
