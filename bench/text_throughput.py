@@ -28,6 +28,8 @@ to one side. Ray is started for each modelworks run and shut down after it, so t
 CPUs with an idle Ray. Other worker counts run once each at the end.
 
 On a machine shared with other jobs the figures are noisy: compare ratios from the same run only.
+Ray's own output (its INFO lines, the workers' lines echoed to the driver) goes to <--out>.ray.log, as a
+`modelworks run` sends it to runs/<run>/logs/ray.log; the terminal shows the bench's lines only.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import pandas as pd
@@ -49,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # runs from a checkout without `pip install -e .` too
 
 from modelworks import text_steps  # noqa: E402
+from modelworks.console import capture_process_output, terminal_copy  # noqa: E402
 from modelworks.config import WorkflowConfig, apply_overrides, load_workflow  # noqa: E402
 from modelworks.data import text as text_data  # noqa: E402
 from modelworks.models import build_model  # noqa: E402
@@ -56,6 +60,12 @@ from modelworks.models import build_model  # noqa: E402
 WORKFLOW = REPO / "workflows/sst2.py"
 # The target this bench is judged against: Ray Train with one worker keeps >= 90 % of the plain loop.
 TARGET_MW1_VS_PLAIN = 0.9
+# Where the bench's own lines go: the terminal, kept as a copy once main() sends fds 1 and 2 to the Ray log.
+terminal = sys.stdout
+
+
+def say(line: str) -> None:
+    print(line, file=terminal, flush=True)
 
 
 def load_sst2(folder: Path, rows: int) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
@@ -107,7 +117,7 @@ def bench_plain(cfg: WorkflowConfig, pre: text_data.TextPreprocessor, spec: dict
             targets += out["targets"]
         rates.append(tokens / (time.perf_counter() - t0))
         losses.append(loss_sum / max(targets, 1))
-        print(f"    plain epoch {epoch}/{hp.epochs}: {rates[-1]:8.0f} tokens/s  train_loss={losses[-1]:.4f}", flush=True)
+        say(f"    plain epoch {epoch}/{hp.epochs}: {rates[-1]:8.0f} tokens/s  train_loss={losses[-1]:.4f}")
     return {"rates": rates, "train_loss": losses, "threads": threads, "steps_per_epoch": steps}
 
 
@@ -132,6 +142,16 @@ def bench_modelworks(cfg: WorkflowConfig, pre: text_data.TextPreprocessor, spec:
             "end_to_end_tokens_per_s": tokens / wall}
 
 
+def worker_counts(text: str) -> list[int]:
+    try:
+        counts = [int(w) for w in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of worker counts: give e.g. --workers 1,2")
+    return counts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=os.environ.get("MODELWORKS_DATA_DIR", str(REPO.parent / "shared/data")))
@@ -139,7 +159,8 @@ def main() -> None:
     # on 2 CPU cores; every epoch is long enough (625 steps) for a stable rate.
     p.add_argument("--rows", type=int, default=20_000, help="training sentences used (SST-2 has 67,349)")
     p.add_argument("--epochs", type=int, default=3, help="the first is warm-up and left out of the figures")
-    p.add_argument("--workers", default="1,2", help="modelworks worker counts to run (1 always runs)")
+    p.add_argument("--workers", default=[1, 2], type=worker_counts,
+                   help="modelworks worker counts to run, comma-separated (1 always runs)")
     p.add_argument("--repeat", type=int, default=2, help="runs of the plain loop and of 1 worker, alternating "
                                                          "(mw1, plain, plain, mw1, ...); medians compared")
     p.add_argument("--plain-threads", default=None, help="intra-op thread counts tried for the plain loop, "
@@ -151,6 +172,9 @@ def main() -> None:
     folder = Path(args.data_dir) / "sst2"
     if not (folder / "train.csv.gz").is_file():
         raise SystemExit(f"SST-2 not found under {args.data_dir}; pass --data-dir or set MODELWORKS_DATA_DIR")
+    global terminal
+    terminal, ray_log = terminal_copy(1), Path(args.out).with_suffix(".ray.log")
+    capture_process_output(ray_log)
 
     base = config(args.epochs, 1)
     train, val, names = load_sst2(folder, args.rows)
@@ -166,14 +190,15 @@ def main() -> None:
     results: dict = {"rows": len(train), "epochs": args.epochs, "batch_size": base.train.batch_size,
                      "cpus": os.cpu_count(), "spec": spec,
                      "load_avg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
-    print(f"SST-2: {len(train)} training sentences, {pre.vocab_size} BPE tokens, batch "
-          f"{base.train.batch_size}, {args.epochs} epochs; load average {results['load_avg_at_start']}", flush=True)
+    say(f"SST-2: {len(train)} training sentences, {pre.vocab_size} BPE tokens, batch "
+        f"{base.train.batch_size}, {args.epochs} epochs; load average {results['load_avg_at_start']}")
+    say(f"Ray's output: {ray_log}")
 
     def run_plain(threads: int) -> dict:
         r = bench_plain(base, pre, spec, train, threads)
         r["tokens_per_s"] = steady(r["rates"])
-        print(f"    plain: {r['tokens_per_s']:9.0f} tokens/s   per epoch {[round(x) for x in r['rates']]} "
-              f"({threads} thread(s))", flush=True)
+        say(f"    plain: {r['tokens_per_s']:9.0f} tokens/s   per epoch {[round(x) for x in r['rates']]} "
+            f"({threads} thread(s))")
         return r
 
     # As bench/train_throughput.py: a throwaway MODELWORKS_HOME, no progress bars, and Ray started the way
@@ -198,9 +223,9 @@ def main() -> None:
         finally:
             ray.shutdown()
         r["tokens_per_s"] = steady(r["rates"])
-        print(f"      mw{workers}: {r['tokens_per_s']:9.0f} tokens/s   per epoch {[round(x) for x in r['rates']]}"
-              f"   whole run {r['wall_s']:.1f} s ({r['end_to_end_tokens_per_s']:.0f} tokens/s incl. worker "
-              f"start, ingest, validation, checkpoints; {r['threads_per_worker']} thread(s) per worker)", flush=True)
+        say(f"      mw{workers}: {r['tokens_per_s']:9.0f} tokens/s   per epoch {[round(x) for x in r['rates']]}"
+            f"   whole run {r['wall_s']:.1f} s ({r['end_to_end_tokens_per_s']:.0f} tokens/s incl. worker "
+            f"start, ingest, validation, checkpoints; {r['threads_per_worker']} thread(s) per worker)")
         return r
 
     try:
@@ -214,14 +239,14 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"plain": [], "mw1": []}
         order = [v for i in range(args.repeat) for v in (("mw1", "plain") if i % 2 == 0 else ("plain", "mw1"))]
         for n, variant in enumerate(order, 1):
-            print(f"[{n}/{len(order)}] {variant}", flush=True)
+            say(f"[{n}/{len(order)}] {variant}")
             runs[variant].append(run_plain(best_threads) if variant == "plain" else run_modelworks(1, n))
         for variant, rs in runs.items():
             results[variant] = {**rs[len(rs) // 2], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                                 "runs": [r["tokens_per_s"] for r in rs], "threads": best_threads}
         results["order"] = order
         # 3. Other worker counts, once each (DDP on one machine: reported, no target).
-        for workers in [int(w) for w in args.workers.split(",") if int(w) != 1]:
+        for workers in [w for w in args.workers if w != 1]:
             results[f"mw{workers}"] = run_modelworks(workers, len(order) + workers)
     finally:
         shutil.rmtree(home, ignore_errors=True)
@@ -230,16 +255,20 @@ def main() -> None:
     results["ratios"] = {f"{k}_vs_plain": results[k]["tokens_per_s"] / plain for k in results if k.startswith("mw")}
     results["ratios"].update({f"{k}_vs_plain": results[k]["tokens_per_s"] / plain for k in results
                               if k.startswith("plain_") and k != f"plain_{results['plain']['threads']}_threads"})
-    print(f"median of {args.repeat} run(s) each: plain {plain:.0f} tokens/s {[round(r) for r in results['plain']['runs']]}, "
-          f"mw1 {results['mw1']['tokens_per_s']:.0f} {[round(r) for r in results['mw1']['runs']]}")
+    say(f"median of {args.repeat} run(s) each: plain {plain:.0f} tokens/s {[round(r) for r in results['plain']['runs']]}, "
+        f"mw1 {results['mw1']['tokens_per_s']:.0f} {[round(r) for r in results['mw1']['runs']]}")
     results["load_avg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     for k, v in results["ratios"].items():
-        print(f"{k:>24}: {v:.2f}x")
-    print(f"target: mw1_vs_plain >= {TARGET_MW1_VS_PLAIN}   (load average at end {results['load_avg_at_end']})")
+        say(f"{k:>24}: {v:.2f}x")
+    say(f"target: mw1_vs_plain >= {TARGET_MW1_VS_PLAIN}   (load average at end {results['load_avg_at_end']})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    say(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception:
+        traceback.print_exc(file=terminal)  # stderr is the Ray log by now
+        raise SystemExit(1)

@@ -74,6 +74,10 @@ def test_text_throughput_bench_runs_tiny(tmp_path):
         assert len(result[variant]["runs"]) == 1, variant
     assert result["ratios"]["mw1_vs_plain"] > 0
     assert "mw1_vs_plain:" in proc.stdout
+    # Ray's output (Ray Data's banners, the worker's echoed lines) is in the log file, not on the console.
+    ray_log = out.with_suffix(".ray.log").read_text()
+    assert "RayTrainWorker" in ray_log
+    assert "RayTrainWorker" not in proc.stdout + proc.stderr and "streaming_executor" not in proc.stdout + proc.stderr
 
 
 def test_pretrain_gain_bench_uses_the_sst2_workflows_settings():
