@@ -53,6 +53,12 @@ that pins it.
   ``AutoscalingCoordinator``) that Ray Train V2's controller gets or creates, and waits for, before it asks for
   its workers (its scaling policy's ``after_controller_start``). Ray 2.60. Pinned by
   tests/test_train_startup.py::test_a_private_ray_starts_the_coordinator_train_waits_for.
+- ``print_once_from_train_workers``: ``RAY_TRAIN_ENABLE_PRINT_PATCH`` (``ray.train.v2._internal.constants``,
+  read in ``ray.train.v2._internal.logging.patch_print``): Train V2 replaces ``print`` in its workers with one
+  that logs the line and, because a Ray worker's ``sys.stdout`` is not ``sys.__stdout__``, prints it as well, so
+  every line a training loop prints reached the run's log twice. Train V2 passes RAY_TRAIN_* variables of the
+  driver on to its controller and workers. Ray 2.60. Pinned by
+  tests/test_console.py::test_digits_run_in_a_terminal_is_short_and_has_no_ray_lines.
 """
 from __future__ import annotations
 
@@ -320,3 +326,9 @@ def start_train_autoscaling_coordinator() -> None:
         get_or_create_autoscaling_coordinator)
 
     get_or_create_autoscaling_coordinator()
+
+
+def print_once_from_train_workers() -> None:
+    """A Train worker's ``print`` writes its line once (to the worker's stdout, which Ray sends on to the
+    driver). A value the user set is kept."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

@@ -51,6 +51,7 @@ def ensure_ray(num_cpus: int | None = None) -> str:
     if ray.is_initialized():
         return "Ray (connected before)"
     os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_DEFAULT_S)  # a private Ray's processes inherit it (Tune's trials)
+    ray_private.print_once_from_train_workers()
     if not os.environ.get("RAY_ADDRESS"):  # one machine: no spot node to be preempted; one process less to start
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     running = None if os.environ.get("RAY_ADDRESS") or os.environ.get("MODELWORKS_JOIN_RAY") == "0" \
