@@ -116,9 +116,10 @@ def text_train_loop(loop_cfg: dict) -> None:
     progress = WorkerProgress(loop_cfg.get("progress"), rank, task)
     progress.start(hp.epochs, start_epoch, steps, unit="tokens")
     for epoch in range(start_epoch, hp.epochs + 1):
-        gen = torch.Generator().manual_seed(cfg.train.random_seed * 100_003 + epoch * 1009 + rank)
+        epoch_seed = cfg.train.random_seed * 100_003 + epoch * 1009
+        gen = torch.Generator().manual_seed(epoch_seed + rank)
         # Several ranks order their batches alike, so no rank waits at the all-reduce for a longer batch.
-        same_order = torch.Generator().manual_seed(cfg.train.random_seed * 100_003 + epoch * 1009) if world > 1 else None
+        same_order = torch.Generator().manual_seed(epoch_seed) if world > 1 else None
         batches = length_bucketed_batches(train_rows["length"], local_bs, gen, order_generator=same_order,
                                           n_batches=steps * accum)
         t0 = time.perf_counter()
