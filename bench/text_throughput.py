@@ -213,7 +213,7 @@ def main() -> None:
 
     planned = mw_train.plan_cpus
     if args.mw_threads:  # diagnostic only: the workers' thread count instead of what plan_cpus decides
-        mw_train.plan_cpus = lambda w, gpu: dataclasses.replace(planned(w, gpu), threads=args.mw_threads)
+        mw_train.plan_cpus = lambda w, gpu, **kw: dataclasses.replace(planned(w, gpu, **kw), threads=args.mw_threads)
 
     def run_modelworks(workers: int, n: int) -> dict:
         ensure_ray()

@@ -80,6 +80,22 @@ def test_text_throughput_bench_runs_tiny(tmp_path):
     assert "RayTrainWorker" not in proc.stdout + proc.stderr and "streaming_executor" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.ray
+def test_text_throughput_bench_takes_the_workers_thread_count(tmp_path):
+    """--mw-threads (the diagnostic behind the README's 1-thread comparison) replaces plan_cpus's thread count,
+    whatever arguments run_trainer passes plan_cpus."""
+    data = require_dataset("sst2").parent
+    out = tmp_path / "text_throughput.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench/text_throughput.py"), "--data-dir", str(data),
+                           "--rows", "200", "--epochs", "1", "--workers", "1", "--plain-threads", "1",
+                           "--mw-threads", "1", "--repeat", "1", "--out", str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["mw1"]["threads_per_worker"] == 1
+    assert "1 thread(s) per worker" in proc.stdout
+
+
 def test_pretrain_gain_bench_uses_the_sst2_workflows_settings():
     """bench/pretrain_gain.py restates workflows/sst2.py's settings (it must run where pydantic is not
     installed): they must not drift apart."""
