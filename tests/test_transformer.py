@@ -290,6 +290,22 @@ def test_train_step_learns_a_tiny_task():
     assert result["loss_sum"] / 64 < 0.5 * losses[0]
 
 
+def test_a_masked_lm_batch_with_nothing_masked_counts_zero_and_leaves_the_weights_finite():
+    """Short texts can draw no token to mask: that step adds nothing to the epoch's summed loss (it used to add
+    NaN, and the epoch's train_loss printed nan) and its optimizer step keeps every weight finite."""
+    model = MaskedLM(tiny_encoder())
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-3)
+    ids = torch.tensor([[CLS_ID, 7, SEP_ID, PAD_ID], [CLS_ID, 8, 9, SEP_ID]])
+    nothing = {"ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX)}
+    something = {"ids": ids, "labels": torch.where(ids == 8, ids, torch.full_like(ids, IGNORE_INDEX))}
+    out = train_step(model, opt, [nothing])
+    assert (out["loss"], out["targets"]) == (0.0, 0)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    mixed = train_step(model, opt, [nothing, something])  # gradient accumulation over both
+    assert mixed["targets"] == 1 and math.isfinite(mixed["loss"]) and mixed["loss"] > 0
+    assert eval_step(model, nothing) == {"loss_sum": 0.0, "correct": 0, "count": 0}
+
+
 def test_make_batch_and_evaluate_rows_on_in_memory_rows():
     """The batch a training loop builds from padded rows: cut to its own longest row, labels for the classifier,
     masked-LM targets only where tokens were picked; evaluation sums over every row with the same masks each time."""

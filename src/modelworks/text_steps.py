@@ -63,6 +63,11 @@ def loss_of(model: nn.Module, batch: dict, label_smoothing: float = 0.0) -> tupl
     else:
         targets = batch["y"]
         logits = model(batch["ids"])
+    if targets.numel() == 0:
+        # A masked-LM batch of very short texts can draw no token to mask (32 one-token phrases: 0.85^32, once
+        # in ~180 batches). The mean over nothing is NaN and would poison the epoch's summed loss; a zero that
+        # stays in the graph keeps DDP's backward (and its all-reduce) the same on every rank.
+        return logits.float().sum() * 0.0, logits.argmax(-1), targets
     loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
     return loss, logits.argmax(-1), targets
 
