@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from modelworks.data.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, mask_tokens
+from modelworks.data.text import (CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, fit_tokenizer, mask_tokens,
+                                  word_starts)
 from modelworks.models import build_model
 from modelworks.models.generation import BatchedGenerator, generate, sample
 from modelworks.models.kv_cache import DecodeStep
@@ -230,6 +231,31 @@ def test_mask_tokens_follows_bert_proportions():
     assert 0.08 < randomised.sum() / n < 0.12
     assert 0.08 < kept.sum() / n < 0.12
     assert (out[randomised] >= len(SPECIAL_TOKENS)).all() and (out[randomised] < vocab).all()
+
+
+def test_whole_word_masking_hides_every_piece_of_a_word_together():
+    # A real fitted tokenizer, small enough that rare words stay split into several pieces.
+    texts = ["a gorgeous witty film", "a tedious lifeless film", "gorgeously witty and charming",
+             "the film is unwatchable", "tediously charming film"] * 20
+    tok = fit_tokenizer(texts, vocab_size=60, max_len=32)
+    table = word_starts(tok)
+    ids = torch.tensor([tok.encode("a gorgeously tedious unwatchable film").ids] * 2000)
+    pieces = [tok.id_to_token(int(i)) for i in ids[0]]
+    assert pieces[0] == "[CLS]" and pieces[-1] == "[SEP]"
+    word_of = np.cumsum([p.startswith("▁") for p in pieces[1:-1]])  # the word of each piece between them
+    words = [1 + np.flatnonzero(word_of == w) for w in np.unique(word_of)]  # each word's columns in ids
+    assert any(len(cols) > 1 for cols in words), pieces  # some word is several pieces
+
+    _, labels = mask_tokens(ids, tok.get_vocab_size(), torch.Generator().manual_seed(0), 0.3, table)
+    picked = (labels != IGNORE_INDEX).numpy()
+    assert not picked[:, 0].any() and not picked[:, -1].any()  # specials never picked
+    for cols in words:
+        assert (picked[:, cols] == picked[:, cols[:1]]).all(), pieces  # a word's pieces: all or none
+        assert 0.25 < picked[:, cols[0]].mean() < 0.35  # each word drawn with mask_prob
+    # Without the table the pieces of one word are drawn apart.
+    _, apart = mask_tokens(ids, tok.get_vocab_size(), torch.Generator().manual_seed(0), 0.3)
+    apart = (apart != IGNORE_INDEX).numpy()
+    assert any((apart[:, cols] != apart[:, cols[:1]]).any() for cols in words if len(cols) > 1)
 
 
 # ------------------------------------------------------------------------------- optimiser and schedule

@@ -139,6 +139,8 @@ class PretrainConfig(_Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)
     mask_prob: float = Field(0.15, gt=0.0, lt=1.0, description="share of tokens hidden (80 % [MASK], 10 % random, 10 % kept)")
+    whole_word: bool = Field(False, description="hide a word's pieces together (whole-word masking); mask_prob "
+                                                "is then the share of words")
     # A short pre-training underfits rather than overfits, so it learns faster without dropout (as in
     # "Cramming" BERT); fine-tuning then uses model.dropout.
     dropout: float = Field(0.0, ge=0.0, lt=1.0)

@@ -116,24 +116,26 @@ VAL_MASK_SEED = 12345
 
 
 def make_batch(rows: dict[str, np.ndarray], idx: np.ndarray, task: str, vocab_size: int, mask_prob: float,
-               generator: torch.Generator, device: torch.device) -> dict:
+               generator: torch.Generator, device: torch.device, word_start: torch.Tensor | None = None) -> dict:
     """Rows ``idx`` as a batch on ``device``: ids cut to the batch's longest row; for ``task="mlm"`` corrupted
-    on the CPU (data.text.mask_tokens) with ``labels``, else with the class labels ``y``."""
+    on the CPU (data.text.mask_tokens; whole words with a ``word_start`` table) with ``labels``, else with the
+    class labels ``y``."""
     ids = torch.from_numpy(trim(rows["ids"][idx], rows["length"][idx])).long()
     if task == "mlm":
-        ids, labels = mask_tokens(ids, vocab_size, generator, mask_prob)
+        ids, labels = mask_tokens(ids, vocab_size, generator, mask_prob, word_start)
         return {"ids": ids.to(device), "labels": labels.to(device)}
     return {"ids": ids.to(device), "y": torch.from_numpy(rows["y"][idx]).long().to(device)}
 
 
 def evaluate_rows(model: nn.Module, rows: dict[str, np.ndarray], task: str, vocab_size: int, mask_prob: float,
-                  device: torch.device = torch.device("cpu"), batch_size: int = EVAL_BATCH) -> dict:
+                  device: torch.device = torch.device("cpu"), batch_size: int = EVAL_BATCH,
+                  word_start: torch.Tensor | None = None) -> dict:
     """Summed loss, correct and count over all rows (sums: ranks add them up)."""
     total = {"loss_sum": 0.0, "correct": 0, "count": 0}
     order = np.argsort(rows["length"], kind="stable")
     for i in range(0, len(order), batch_size):
         gen = torch.Generator().manual_seed(VAL_MASK_SEED + i)
-        batch = make_batch(rows, order[i:i + batch_size], task, vocab_size, mask_prob, gen, device)
+        batch = make_batch(rows, order[i:i + batch_size], task, vocab_size, mask_prob, gen, device, word_start)
         for k, v in eval_step(model, batch, device).items():
             total[k] += v
     return total

@@ -26,7 +26,7 @@ from modelworks import checkpoint, text_steps
 from modelworks.config import WorkflowConfig
 from modelworks.console import Console, epoch_line
 from modelworks.data import preprocess
-from modelworks.data.text import TextPreprocessor, content_order, length_bucketed_batches
+from modelworks.data.text import TextPreprocessor, content_order, length_bucketed_batches, word_starts
 from modelworks.models import build_model
 from modelworks.progress import FollowProgress, WorkerProgress
 from modelworks.train import all_reduce, report_epoch, resume_epoch, run_trainer
@@ -113,6 +113,7 @@ def text_train_loop(loop_cfg: dict) -> None:
     model = ray.train.torch.prepare_model(model)  # Ray: DDP (gloo on CPU, nccl on GPU) when world > 1
 
     mask_prob = cfg.pretrain.mask_prob
+    word_start = word_starts(pre.tokenizer) if task == "mlm" and cfg.pretrain.whole_word else None
     progress = WorkerProgress(loop_cfg.get("progress"), rank, task)
     progress.start(hp.epochs, start_epoch, steps, unit="tokens")
     for epoch in range(start_epoch, hp.epochs + 1):
@@ -125,7 +126,7 @@ def text_train_loop(loop_cfg: dict) -> None:
         t0 = time.perf_counter()
         loss_sum = targets = tokens = 0.0
         for i in range(0, len(batches), accum):
-            micro = [text_steps.make_batch(train_rows, idx, task, pre.vocab_size, mask_prob, gen, device)
+            micro = [text_steps.make_batch(train_rows, idx, task, pre.vocab_size, mask_prob, gen, device, word_start)
                      for idx in batches[i:i + accum]]
             out = text_steps.train_step(model, optimizer, micro, scheduler=scheduler, max_grad_norm=hp.grad_clip,
                                         label_smoothing=getattr(hp, "label_smoothing", 0.0), device=device)
@@ -134,7 +135,8 @@ def text_train_loop(loop_cfg: dict) -> None:
             tokens += out["tokens"]
             progress.batch(epoch, i // accum + 1, tokens * world / (time.perf_counter() - t0), loss_sum / max(targets, 1))
         train_time = time.perf_counter() - t0
-        val = text_steps.evaluate_rows(model, val_rows, task, pre.vocab_size, mask_prob, device)
+        val = text_steps.evaluate_rows(model, val_rows, task, pre.vocab_size, mask_prob, device,
+                                         word_start=word_start)
         loss_sum, targets, tokens, v_loss, v_correct, v_count = all_reduce(
             [loss_sum, targets, tokens, val["loss_sum"], val["correct"], val["count"]])
         metrics = {

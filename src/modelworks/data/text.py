@@ -224,14 +224,34 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, generator: tor
     return [batches[i] for i in shuffled]
 
 
+def word_starts(tokenizer: Tokenizer) -> torch.Tensor:
+    """A bool per token id: True where the token begins a word (its text starts with the "▁" marker
+    fit_tokenizer puts at each word start) and for the special tokens; False for the pieces that continue
+    a word. What whole-word masking needs to find each word's pieces."""
+    table = torch.zeros(tokenizer.get_vocab_size(), dtype=torch.bool)
+    for token, i in tokenizer.get_vocab().items():
+        table[i] = token.startswith("▁") or token in SPECIAL_TOKENS
+    return table
+
+
 def mask_tokens(ids: torch.Tensor, vocab_size: int, generator: torch.Generator | None = None,
-                mask_prob: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+                mask_prob: float = 0.15, word_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's corruption for masked-language modelling: pick ``mask_prob`` of the real (non-special)
     tokens; of those 80 % become [MASK], 10 % a random token, 10 % stay as they are. Returns (corrupted
-    ids, labels) with labels = the original token at picked positions, IGNORE_INDEX elsewhere."""
+    ids, labels) with labels = the original token at picked positions, IGNORE_INDEX elsewhere.
+
+    With ``word_start`` (word_starts' table) whole words are picked: a word's pieces are hidden together, so
+    the model cannot guess "▁mov" + [MASK] from the other half of the word alone (BERT's whole-word masking).
+    Each word is drawn with ``mask_prob``; the 80/10/10 choice stays per token, as in BERT."""
     ids = ids.clone()
     maskable = ids >= len(SPECIAL_TOKENS)
     rand = torch.rand(ids.shape, generator=generator, device=ids.device)
+    if word_start is not None:
+        # Every piece takes the draw of its word's first piece (the last word start at or before it).
+        starts = word_start.to(ids.device)[ids] | ~maskable
+        positions = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+        first = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=-1).values
+        rand = rand.gather(-1, first)
     picked = maskable & (rand < mask_prob)
     labels = torch.where(picked, ids, torch.full_like(ids, IGNORE_INDEX))
     how = torch.rand(ids.shape, generator=generator, device=ids.device)

@@ -35,7 +35,7 @@ def _best_line(best: Path, metric: str) -> str:
 # -------------------------------------------------------------------------------------------- pretrain
 def pretrain_detail(ctx: Context) -> str:
     p = ctx.cfg.pretrain
-    return f"masked-LM, {p.epochs} epochs, {int(p.mask_prob * 100)} % of tokens masked"
+    return f"masked-LM, {p.epochs} epochs, {int(p.mask_prob * 100)} % of {'words' if p.whole_word else 'tokens'} masked"
 
 
 def pretrain(ctx: Context) -> Output:
