@@ -15,6 +15,7 @@ from modelworks.config import apply_overrides, load_workflow
 from modelworks.data import sources
 from modelworks.evaluate import predict_split
 from modelworks.registry import Registry
+from modelworks.train import list_checkpoints
 from modelworks.workflow import run_workflow
 from tests.conftest import assert_two_ranks
 from tests.test_idx import make_split
@@ -130,7 +131,7 @@ def test_sigkill_after_epoch_2_then_rerun_resumes(modelworks_home):
     runs = modelworks_home / "runs"
     deadline = time.time() + 300
     # Epoch 2 or later: older checkpoints are pruned as new ones come, so a poll that came late finds a later one.
-    while not any(int(p.parent.name.split("=")[1]) >= 2 for p in runs.glob("*/checkpoint_epoch=*/sha256sums")):
+    while not any(epoch >= 2 for run in runs.glob("*") for epoch, _ in list_checkpoints(run)):
         assert proc.poll() is None and time.time() < deadline, "run ended or stalled before epoch 2"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -139,8 +140,7 @@ def test_sigkill_after_epoch_2_then_rerun_resumes(modelworks_home):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     run_dir = next(runs.iterdir())
-    done = {p.name: checkpoint.sha256(p / "model.safetensors") for p in run_dir.glob("checkpoint_epoch=*")
-            if (p / "sha256sums").is_file()}
+    done = {p.name: checkpoint.sha256(p / "model.safetensors") for _, p in list_checkpoints(run_dir)}
     assert f"checkpoint_epoch={epochs}" not in done
 
     rerun = cli(*args, env=env, merge=False)

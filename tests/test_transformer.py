@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from modelworks.data.text import (CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, fit_tokenizer, mask_tokens,
-                                  word_starts)
+from modelworks.data.text import (CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, WORD_START, fit_tokenizer,
+                                  mask_tokens, word_starts)
 from modelworks.models import build_model
 from modelworks.models.generation import BatchedGenerator, generate, sample
 from modelworks.models.kv_cache import DecodeStep
@@ -242,7 +242,7 @@ def test_whole_word_masking_hides_every_piece_of_a_word_together():
     ids = torch.tensor([tok.encode("a gorgeously tedious unwatchable film").ids] * 2000)
     pieces = [tok.id_to_token(int(i)) for i in ids[0]]
     assert pieces[0] == "[CLS]" and pieces[-1] == "[SEP]"
-    word_of = np.cumsum([p.startswith("▁") for p in pieces[1:-1]])  # the word of each piece between them
+    word_of = np.cumsum([p.startswith(WORD_START) for p in pieces[1:-1]])  # the word of each piece between them
     words = [1 + np.flatnonzero(word_of == w) for w in np.unique(word_of)]  # each word's columns in ids
     assert any(len(cols) > 1 for cols in words), pieces  # some word is several pieces
 

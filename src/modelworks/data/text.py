@@ -23,6 +23,8 @@ from modelworks.models.transformer import IGNORE_INDEX
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 TOKENIZER_FILE = "tokenizer.json"
+# SentencePiece's word-start marker: fit_tokenizer prefixes each word with it, word_starts reads it back.
+WORD_START = "▁"
 # Texts per forward pass when many are scored at once (to_model_groups). Grouped by length, 64 SST-2
 # validation sentences score in 56 ms in groups of 16 on one CPU thread, 70 ms in groups of 32 and 100 ms as
 # one batch padded to the longest (mean 27 tokens, longest 64); groups of 8 gain nothing more (57 ms), the
@@ -42,8 +44,8 @@ def fit_tokenizer(texts: Iterable[str], vocab_size: int, max_len: int, min_frequ
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.BertPreTokenizer(),
-                                                 pre_tokenizers.Metaspace(prepend_scheme="always")])
-    tok.decoder = decoders.Metaspace(prepend_scheme="always")
+                                                 pre_tokenizers.Metaspace(WORD_START, prepend_scheme="always")])
+    tok.decoder = decoders.Metaspace(WORD_START, prepend_scheme="always")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=list(SPECIAL_TOKENS), show_progress=False)
     tok.train_from_iterator(texts, trainer)
@@ -225,12 +227,12 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, generator: tor
 
 
 def word_starts(tokenizer: Tokenizer) -> torch.Tensor:
-    """A bool per token id: True where the token begins a word (its text starts with the "▁" marker
-    fit_tokenizer puts at each word start) and for the special tokens; False for the pieces that continue
-    a word. What whole-word masking needs to find each word's pieces."""
+    """A bool per token id: True where the token begins a word (its text starts with WORD_START, which
+    fit_tokenizer puts at each word start), False for the pieces that continue a word. What whole-word
+    masking needs to find each word's pieces (mask_tokens treats the special tokens as words of their own)."""
     table = torch.zeros(tokenizer.get_vocab_size(), dtype=torch.bool)
     for token, i in tokenizer.get_vocab().items():
-        table[i] = token.startswith("▁") or token in SPECIAL_TOKENS
+        table[i] = token.startswith(WORD_START)
     return table
 
 
