@@ -34,7 +34,7 @@ from modelworks.models import build_model
 from modelworks.progress import FollowProgress, WorkerProgress
 from modelworks.train import all_reduce, report_epoch, resume_epoch, run_trainer
 
-# The validation windows of an evaluation come from this seed, so every evaluation (and every rank count)
+# The validation windows of an evaluation come from this random seed, so every evaluation (and every rank count)
 # measures the same text and the loss curve compares like with like.
 _VAL_WINDOWS_SEED = 4242
 
@@ -121,7 +121,7 @@ def lm_train_loop(loop_cfg: dict) -> None:
     while step < steps:
         round_no = step // hp.eval_every + 1
         end = min(steps, round_no * hp.eval_every)
-        # Each round's windows come from its own seed: a resumed run draws what the killed one would have.
+        # Each round's windows come from its own random seed: a resumed run draws what the killed one would have.
         gen = torch.Generator().manual_seed(hp.random_seed * 100_003 + round_no * 1009 + rank)
         t0 = time.perf_counter()
         loss_sum = count = 0.0

@@ -2,7 +2,7 @@
 per row) and ``label`` (raw label value), for the train, val and test splits. Tables read column by column
 (``tabular_source``) keep their named feature columns instead of ``x``, with the label renamed ``label``.
 
-Splits are decided row by row from a keyed hash of the row's bytes (seed = ``data.split_seed``), so a
+Splits are decided row by row from a keyed hash of the row's bytes (the key: ``data.split_seed``), so a
 split is reproducible, needs no global shuffle or collect, and identical rows always land together.
 The test split comes from its own files when the dataset has them (MNIST), else is carved the same way.
 Text datasets (sentences and labels from CSV/TSV/JSONL/Parquet/lines files) are read by text_files.py.
@@ -48,9 +48,9 @@ def data_dir(explicit: str | None = None) -> Path:
     return Path(explicit or os.environ.get("MODELWORKS_DATA_DIR") or Path.home() / ".modelworks" / "data")
 
 
-def split_codes(x: np.ndarray, seed: int, val_fraction: float, test_fraction: float | None) -> np.ndarray:
+def split_codes(x: np.ndarray, split_seed: int, val_fraction: float, test_fraction: float | None) -> np.ndarray:
     """0 = train, 1 = val, 2 = test for each row, from a keyed blake2b hash of its bytes."""
-    key = seed.to_bytes(8, "little", signed=True)
+    key = split_seed.to_bytes(8, "little", signed=True)
     rows = np.ascontiguousarray(x).reshape(len(x), -1)
     u = np.array([int.from_bytes(hashlib.blake2b(r.tobytes(), key=key, digest_size=8).digest(), "little")
                   for r in rows], dtype=np.float64) / 2.0**64
