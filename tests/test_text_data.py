@@ -229,6 +229,34 @@ def test_tokenizer_left_out_of_the_sums_is_refused(tmp_path, fitted):
         checkpoint.load(path)
 
 
+def test_a_fine_tune_and_its_baseline_start_the_same_head_and_random_stream(tmp_path, fitted):
+    """train_text.initial_model with a pre-trained encoder changes the encoder only: reading the checkpoint
+    (which builds its model, drawing random weights) leaves the head and every later random draw (dropout
+    masks) as they are without one, so the two arms of a comparison differ in the encoder alone."""
+    from modelworks.train_text import initial_model
+
+    common = {"name": "transformer", "vocab_size": fitted.vocab_size, "max_len": fitted.max_len, "d_model": 16,
+              "n_layers": 1, "n_heads": 2, "d_ff": 32, "dropout": 0.1, "pad_id": PAD_ID, "pooling": "mean",
+              "use_sdpa": True, "num_classes": 2}
+    torch.manual_seed(123)
+    pretrained = build_model({**common, "head": "mlm"})
+    path = checkpoint.save(tmp_path / "encoder", model=pretrained, spec={**common, "head": "mlm"},
+                           preprocessor=fitted, metrics={}, config={"name": "t"})
+    spec = {**common, "head": "classify"}
+
+    scratch = initial_model(spec, random_seed=7)
+    after_scratch = torch.rand(16)
+    tuned = initial_model(spec, random_seed=7, init_encoder=str(path))
+    after_tuned = torch.rand(16)
+
+    assert torch.equal(after_tuned, after_scratch)
+    assert checkpoint.state_digest(tuned.encoder) == checkpoint.state_digest(pretrained.encoder)
+    assert checkpoint.state_digest(scratch.encoder) != checkpoint.state_digest(pretrained.encoder)
+    for name, value in tuned.state_dict().items():
+        if not name.startswith("encoder."):
+            assert torch.equal(value, scratch.state_dict()[name]), name
+
+
 # ------------------------------------------------------------------------------------------ file reading
 CSV = 'text,label\n"a film, truly marvelous",1\nboring plot,0\n"she said ""wow""",1\n'
 

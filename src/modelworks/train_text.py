@@ -54,6 +54,22 @@ def _collect(shard) -> dict[str, np.ndarray]:
     return content_order({k: np.concatenate(v) for k, v in parts.items()})  # the same batches in every run
 
 
+def initial_model(spec: dict, random_seed: int, init_encoder: str | None = None) -> torch.nn.Module:
+    """The model a text step starts from: fresh weights from ``random_seed`` (the same on every rank), the
+    encoder then replaced by a pre-trained checkpoint's when one is given (loaded and checksum-verified).
+
+    The checkpoint is read before the seed is set: building its model draws random initial weights, which
+    would move every draw after it (dropout masks, random replacement tokens). So a fine-tune and its
+    from-scratch baseline with the same seed start the same head and draw the same masks; only the encoder
+    differs."""
+    pretrained = checkpoint.load(init_encoder).model.encoder.state_dict() if init_encoder else None
+    torch.manual_seed(random_seed)
+    model = build_model(spec)
+    if pretrained is not None:
+        model.encoder.load_state_dict(pretrained)
+    return model
+
+
 def text_train_loop(loop_cfg: dict) -> None:
     cfg = WorkflowConfig.model_validate(loop_cfg["config"])
     task, spec = loop_cfg["task"], loop_cfg["spec"]
@@ -63,12 +79,8 @@ def text_train_loop(loop_cfg: dict) -> None:
     ctx = ray.train.get_context()  # Ray
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")  # Ray
-    torch.manual_seed(cfg.train.random_seed)  # identical initial weights on every rank
-
-    model = build_model(spec)
     init_from = loop_cfg.get("init_encoder")
-    if init_from:  # fine-tuning: the encoder starts as the pre-trained one (loaded and checksum-verified)
-        model.encoder.load_state_dict(checkpoint.load(init_from).model.encoder.state_dict())
+    model = initial_model(spec, cfg.train.random_seed, init_from)
     init_digest = checkpoint.state_digest(model.encoder) if hasattr(model, "encoder") else None
 
     if "arrays" in loop_cfg:  # read by the driver, in the object store: this rank's every world-th row
