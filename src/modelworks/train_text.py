@@ -59,9 +59,9 @@ def initial_model(spec: dict, random_seed: int, init_encoder: str | None = None)
     encoder then replaced by a pre-trained checkpoint's when one is given (loaded and checksum-verified).
 
     The checkpoint is read before the seed is set: building its model draws random initial weights, which
-    would move every draw after it (dropout masks, random replacement tokens). So a fine-tune and its
-    from-scratch baseline with the same seed start the same head and draw the same masks; only the encoder
-    differs."""
+    would move every later draw from torch's global generator (the dropout masks). So a fine-tune and its
+    from-scratch baseline with the same seed start the same head and draw the same dropout masks; only the
+    encoder differs."""
     pretrained = checkpoint.load(init_encoder).model.encoder.state_dict() if init_encoder else None
     torch.manual_seed(random_seed)
     model = build_model(spec)
