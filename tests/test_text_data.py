@@ -154,10 +154,14 @@ def test_ranks_with_the_same_batch_order_step_through_batches_of_similar_length(
 
 
 # ------------------------------------------------------------------------------------------ checkpoint
-def tiny_text_checkpoint(tmp_path, pre: TextPreprocessor):
-    spec = {"name": "transformer", "head": "classify", "vocab_size": pre.vocab_size, "max_len": pre.max_len,
-            "d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32, "dropout": 0.0, "pad_id": PAD_ID,
+def tiny_text_spec(pre: TextPreprocessor, head: str = "classify", dropout: float = 0.0) -> dict:
+    return {"name": "transformer", "head": head, "vocab_size": pre.vocab_size, "max_len": pre.max_len,
+            "d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32, "dropout": dropout, "pad_id": PAD_ID,
             "num_classes": pre.num_classes, "pooling": "mean", "use_sdpa": True}
+
+
+def tiny_text_checkpoint(tmp_path, pre: TextPreprocessor):
+    spec = tiny_text_spec(pre)
     torch.manual_seed(0)
     model = build_model(spec).eval()
     path = checkpoint.save(tmp_path / "ckpt", model=model, spec=spec, preprocessor=pre,
@@ -235,14 +239,12 @@ def test_a_fine_tune_and_its_baseline_start_the_same_head_and_random_stream(tmp_
     masks) as they are without one, so the two arms of a comparison differ in the encoder alone."""
     from modelworks.train_text import initial_model
 
-    common = {"name": "transformer", "vocab_size": fitted.vocab_size, "max_len": fitted.max_len, "d_model": 16,
-              "n_layers": 1, "n_heads": 2, "d_ff": 32, "dropout": 0.1, "pad_id": PAD_ID, "pooling": "mean",
-              "use_sdpa": True, "num_classes": 2}
     torch.manual_seed(123)
-    pretrained = build_model({**common, "head": "mlm"})
-    path = checkpoint.save(tmp_path / "encoder", model=pretrained, spec={**common, "head": "mlm"},
-                           preprocessor=fitted, metrics={}, config={"name": "t"})
-    spec = {**common, "head": "classify"}
+    mlm_spec = tiny_text_spec(fitted, head="mlm", dropout=0.1)
+    pretrained = build_model(mlm_spec)
+    path = checkpoint.save(tmp_path / "encoder", model=pretrained, spec=mlm_spec, preprocessor=fitted, metrics={},
+                           config={"name": "t"})
+    spec = tiny_text_spec(fitted, dropout=0.1)
 
     scratch = initial_model(spec, random_seed=7)
     after_scratch = torch.rand(16)
