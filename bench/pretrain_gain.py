@@ -60,7 +60,7 @@ def prepare(args, folder: Path) -> dict:
     d = Path(args.data_dir) / "sst2"
     splits = {s: read_sst2(d / f"{s}.csv.gz", args.rows if s == "train" else None)
               for s in ("train", "validation", "test")}
-    pre = text_data.fit(splits["train"][0], splits["train"][1], {}, MODEL["vocab_size"], MODEL["max_len"])
+    pre = text_data.fit(splits["train"][0], splits["train"][1], {}, args.vocab_size, MODEL["max_len"])
     arrays = {}
     for s, (texts, labels) in splits.items():
         ids, length = pre.encode(texts)
@@ -201,6 +201,7 @@ def main() -> int:
     p.add_argument("--d-model", type=int, default=MODEL["d_model"])
     p.add_argument("--layers", type=int, default=MODEL["n_layers"])
     p.add_argument("--heads", type=int, default=MODEL["n_heads"])
+    p.add_argument("--vocab-size", type=int, default=MODEL["vocab_size"], help="the BPE tokenizer's size")
     p.add_argument("--json", default=str(REPO / "bench/results/pretrain_gain.json"))
     args = p.parse_args()
     if args.device == "auto":
